@@ -1,0 +1,160 @@
+package pgtest
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"os"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"go.uber.org/goleak"
+
+	"github.com/pglease/pglease/migrations"
+)
+
+var shared struct {
+	once sync.Once
+	mu   sync.Mutex
+	c    *Cluster
+	err  error
+}
+
+// Shared returns the cluster shared by the tests of this test binary: the
+// server at PGLEASE_TEST_DATABASE_URL when set, else a throwaway cluster
+// started on first use and stopped by Main.
+func Shared(tb testing.TB) *Cluster {
+	tb.Helper()
+	shared.once.Do(func() {
+		c, err := sharedCluster()
+		shared.mu.Lock()
+		shared.c, shared.err = c, err
+		shared.mu.Unlock()
+	})
+	shared.mu.Lock()
+	defer shared.mu.Unlock()
+	if shared.err != nil {
+		tb.Fatalf("pgtest: %v", shared.err)
+	}
+	return shared.c
+}
+
+func sharedCluster() (*Cluster, error) {
+	if u := os.Getenv(EnvURL); u != "" {
+		return External(u), nil
+	}
+	return Start(Options{})
+}
+
+// Main runs the tests of a package, stops the shared cluster, and fails the
+// run if any goroutine was leaked. Call it from TestMain.
+func Main(m *testing.M) {
+	code := m.Run()
+	shared.mu.Lock()
+	c := shared.c
+	shared.mu.Unlock()
+	if c != nil {
+		c.Stop()
+	}
+	if code == 0 {
+		if err := goleak.Find(); err != nil {
+			fmt.Fprintf(os.Stderr, "goleak: goroutines leaked by the tests: %v\n", err)
+			code = 1
+		}
+	}
+	os.Exit(code)
+}
+
+// Owned starts a cluster for this test alone, stopped when the test ends.
+func Owned(tb testing.TB, opts Options) *Cluster {
+	tb.Helper()
+	c, err := Start(opts)
+	if err != nil {
+		tb.Fatalf("pgtest: %v", err)
+	}
+	tb.Cleanup(c.Stop)
+	return c
+}
+
+// NewSchemaName returns a fresh, unused schema name.
+func NewSchemaName() string {
+	var b [6]byte
+	_, _ = rand.Read(b[:])
+	return "t_" + hex.EncodeToString(b[:])
+}
+
+// NewPool returns a pool on c with the given application_name, closed when the
+// test ends. modify, when given, adjusts the configuration first.
+func NewPool(tb testing.TB, c *Cluster, app string, modify ...func(*pgxpool.Config)) *pgxpool.Pool {
+	tb.Helper()
+	cfg, err := pgxpool.ParseConfig(c.URL())
+	if err != nil {
+		tb.Fatalf("pgtest: %v", err)
+	}
+	cfg.ConnConfig.RuntimeParams["application_name"] = app
+	for _, f := range modify {
+		f(cfg)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	pool, err := pgxpool.NewWithConfig(ctx, cfg)
+	if err != nil {
+		tb.Fatalf("pgtest: %v", err)
+	}
+	tb.Cleanup(pool.Close)
+	return pool
+}
+
+// Migrate creates schema on c with the pglease migrations applied, and drops it
+// when the test ends.
+func Migrate(tb testing.TB, c *Cluster, schema string) {
+	tb.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	admin := NewPool(tb, c, "pgtest-admin", func(cfg *pgxpool.Config) { cfg.MaxConns = 2 })
+	if _, err := migrations.Up(ctx, admin, schema); err != nil {
+		tb.Fatalf("pgtest: migrate %s: %v", schema, err)
+	}
+	tb.Cleanup(func() { DropSchema(tb, c, schema) })
+}
+
+// DropSchema drops schema and everything in it.
+func DropSchema(tb testing.TB, c *Cluster, schema string) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	conn, err := pgx.Connect(ctx, c.URL())
+	if err != nil {
+		tb.Logf("pgtest: drop schema %s: %v", schema, err)
+		return
+	}
+	defer conn.Close(context.Background())
+	if _, err := conn.Exec(ctx, "DROP SCHEMA IF EXISTS "+pgx.Identifier{schema}.Sanitize()+" CASCADE"); err != nil {
+		tb.Logf("pgtest: drop schema %s: %v", schema, err)
+	}
+}
+
+// DB is what most tests need: a migrated schema of its own on a cluster, and a
+// pool.
+type DB struct {
+	Cluster *Cluster
+	Schema  string
+	Pool    *pgxpool.Pool
+}
+
+// NewDB returns a fresh migrated schema on the shared cluster.
+func NewDB(tb testing.TB) *DB {
+	tb.Helper()
+	return NewDBOn(tb, Shared(tb))
+}
+
+// NewDBOn returns a fresh migrated schema on c.
+func NewDBOn(tb testing.TB, c *Cluster) *DB {
+	tb.Helper()
+	schema := NewSchemaName()
+	Migrate(tb, c, schema)
+	return &DB{Cluster: c, Schema: schema, Pool: NewPool(tb, c, "pglease-test")}
+}
