@@ -1,0 +1,286 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/pglease/pglease/internal/pgtest"
+)
+
+// fixture is a migrated schema with dead rows in it: 2 dead holders with 3
+// lock rows each, and 1 live holder with 2.
+type fixture struct {
+	*pgtest.DB
+	holders, locks string
+}
+
+func newFixture(t *testing.T) *fixture {
+	t.Helper()
+	db := pgtest.NewDB(t)
+	f := &fixture{DB: db,
+		holders: pgx.Identifier{db.Schema, "holders"}.Sanitize(),
+		locks:   pgx.Identifier{db.Schema, "locks"}.Sanitize()}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	_, err := f.Pool.Exec(ctx, `
+		WITH h AS (INSERT INTO `+f.holders+` (host, pid, application, ttl, expires_at)
+			SELECT 'host', g, 'cli-test', interval '1 hour',
+			       CASE WHEN g < 3 THEN clock_timestamp() - interval '1 hour' ELSE clock_timestamp() + interval '1 hour' END
+			  FROM generate_series(1, 3) g RETURNING id, pid)
+		INSERT INTO `+f.locks+` (name, entity_id, token, holder_id)
+		SELECT 'job', h.id || ':' || k, nextval($1::regclass), h.id
+		  FROM h, generate_series(1, CASE WHEN h.pid < 3 THEN 3 ELSE 2 END) k`,
+		pgx.Identifier{db.Schema, "token_seq"}.Sanitize())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return f
+}
+
+func (f *fixture) rows(t *testing.T) (holders, locks int) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := f.Pool.QueryRow(ctx, `SELECT (SELECT count(*) FROM `+f.holders+`), (SELECT count(*) FROM `+f.locks+`)`).Scan(&holders, &locks); err != nil {
+		t.Fatal(err)
+	}
+	return holders, locks
+}
+
+type result struct {
+	code           int
+	stdout, stderr string
+}
+
+func runIn(t *testing.T, ctx context.Context, env []string, args ...string) result {
+	t.Helper()
+	var out, errb bytes.Buffer
+	code := run(ctx, args, env, &out, &errb)
+	return result{code, out.String(), errb.String()}
+}
+
+func TestUsageErrors(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		args []string
+		env  []string
+		want string
+	}{
+		{nil, nil, "give --once"},
+		{[]string{"--bogus"}, nil, "not defined: -bogus"},
+		{[]string{"--once", "extra"}, nil, `unexpected argument "extra"`},
+		{[]string{"--once", "--schedule", "@hourly"}, nil, "both given"},
+		{[]string{"--schedule", "61 * * * *"}, nil, `invalid schedule "61 * * * *"`},
+		{[]string{"--schedule", "@every 100ms"}, nil, "at least 1s"},
+		{nil, []string{"REAPER_SCHEDULE=every minute"}, "invalid schedule"},
+		{[]string{"--once", "--database-url", "postgres://u:hunter2@db:x/app"}, nil, "from --database-url cannot be parsed: invalid port"},
+		{[]string{"--once"}, []string{"DATABASE_URL=host=db sslmode=bogus password=hunter2"}, "from DATABASE_URL cannot be parsed: failed to configure TLS"},
+		{[]string{"--once", "--database-url", "postgres://u:hunter2@[::1/app"}, nil, "not a valid URL"},
+		{[]string{"--once", "--batch-size", "0"}, nil, "--batch-size 0: use 1 to 100000"},
+		{[]string{"--once", "--batch-size", "many"}, nil, `invalid value "many" for flag -batch-size`},
+		{[]string{"--once"}, []string{"REAPER_BATCH_SIZE=lots"}, `REAPER_BATCH_SIZE="lots"`},
+		{[]string{"--once", "--batch-timeout", "0s"}, nil, "--batch-timeout 0s: use a duration of at least 1ms"},
+		{[]string{"--once"}, []string{"REAPER_DRY_RUN=maybe"}, "REAPER_DRY_RUN"},
+		{[]string{"--once", "--log-format", "xml"}, nil, "use text or json"},
+		{[]string{"--once", "--log-level", "loud"}, nil, "use debug, info, warn or error"},
+		{[]string{"--once", "--listen", ":0"}, nil, "--listen needs --schedule"},
+		{[]string{"--schedule", "@hourly", "--listen", "9187"}, nil, "want host:port"},
+		{[]string{"--once", "--schema", "pg_catalog"}, nil, "reserved by PostgreSQL"},
+		{[]string{"migrate"}, nil, "needs an action"},
+		{[]string{"migrate", "sideways"}, nil, "actions are up, status and down"},
+		{[]string{"migrate", "down"}, nil, "add --yes"},
+		{[]string{"migrate", "up", "--once"}, nil, "not defined: -once"},
+		{[]string{"migrate", "up", "now"}, nil, `unexpected argument "now"`},
+	} {
+		res := runIn(t, t.Context(), tc.env, tc.args...)
+		if res.code != exitUsage || !strings.Contains(res.stderr, tc.want) || !strings.Contains(res.stderr, "reaper --help") {
+			t.Errorf("run %q (env %q) = %d, stderr %q; want exit 2 and %q", tc.args, tc.env, res.code, res.stderr, tc.want)
+		}
+		if strings.Contains(res.stderr, "hunter2") {
+			t.Errorf("run %q: the password is in the message: %s", tc.args, res.stderr)
+		}
+	}
+}
+
+func TestHelpAndVersion(t *testing.T) {
+	t.Parallel()
+	for _, args := range [][]string{{"--help"}, {"-h"}, {"migrate", "--help"}} {
+		res := runIn(t, t.Context(), nil, args...)
+		if res.code != exitOK || !strings.Contains(res.stdout, "Examples:") || !strings.Contains(res.stdout, "Exit codes:") {
+			t.Errorf("%q: exit %d, stdout %q", args, res.code, res.stdout)
+		}
+	}
+	res := runIn(t, t.Context(), nil, "--version")
+	if res.code != exitOK || !strings.HasPrefix(res.stdout, "reaper ") {
+		t.Fatalf("--version: exit %d, stdout %q", res.code, res.stdout)
+	}
+}
+
+func TestOnce(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+
+	// The environment configures it; a flag wins over its variable.
+	env := []string{"DATABASE_URL=" + f.Cluster.URL(), "REAPER_SCHEMA=wrong", "REAPER_LOG_FORMAT=json", "REAPER_DRY_RUN=true"}
+	res := runIn(t, t.Context(), env, "--once", "--schema", f.Schema)
+	if res.code != exitOK {
+		t.Fatalf("dry run: exit %d: %s", res.code, res.stderr)
+	}
+	var line struct {
+		Msg     string `json:"msg"`
+		Holders int    `json:"holders"`
+		Locks   int    `json:"locks"`
+		DryRun  bool   `json:"dry_run"`
+	}
+	if err := json.Unmarshal([]byte(res.stderr), &line); err != nil {
+		t.Fatalf("JSON log %q: %v", res.stderr, err)
+	}
+	if line.Msg != "reaper pass done" || line.Holders != 2 || line.Locks != 6 || !line.DryRun {
+		t.Fatalf("dry run log: %+v", line)
+	}
+	if h, l := f.rows(t); h != 3 || l != 8 {
+		t.Fatalf("dry run deleted rows: %d holders, %d locks left", h, l)
+	}
+
+	res = runIn(t, t.Context(), []string{"DATABASE_URL=" + f.Cluster.URL()}, "--once", "--schema", f.Schema, "--batch-size", "2")
+	if res.code != exitOK || !strings.Contains(res.stderr, `msg="reaper pass done"`) ||
+		!strings.Contains(res.stderr, "holders=2 locks=6") {
+		t.Fatalf("once: exit %d, stderr %q", res.code, res.stderr)
+	}
+	if h, l := f.rows(t); h != 1 || l != 2 {
+		t.Fatalf("after the pass: %d holders, %d locks, want the live 1 and 2", h, l)
+	}
+	// Nothing left to do: nothing logged.
+	res = runIn(t, t.Context(), []string{"DATABASE_URL=" + f.Cluster.URL()}, "--once", "--schema", f.Schema)
+	if res.code != exitOK || res.stderr != "" {
+		t.Fatalf("idle pass: exit %d, stderr %q; want silence", res.code, res.stderr)
+	}
+
+	// A cancelled context (a signal) is a clean exit.
+	ctx, cancel := context.WithCancel(t.Context())
+	cancel()
+	res = runIn(t, ctx, []string{"DATABASE_URL=" + f.Cluster.URL()}, "--once", "--schema", f.Schema)
+	if res.code != exitOK || !strings.Contains(res.stderr, "interrupted") {
+		t.Fatalf("interrupted: exit %d, stderr %q", res.code, res.stderr)
+	}
+}
+
+func TestOnceFailures(t *testing.T) {
+	t.Parallel()
+	url := pgtest.Shared(t).URL()
+	res := runIn(t, t.Context(), []string{"DATABASE_URL=" + url}, "--once", "--schema", pgtest.NewSchemaName())
+	if res.code != exitFailed || !strings.Contains(res.stderr, "schema not migrated") || !strings.Contains(res.stderr, "migrate up") {
+		t.Fatalf("unmigrated schema: exit %d, stderr %q", res.code, res.stderr)
+	}
+	res = runIn(t, t.Context(), nil, "--once", "--database-url", "postgres://u:hunter2@127.0.0.1:"+closedPort(t)+"/db")
+	if res.code != exitFailed || !strings.Contains(res.stderr, "database unreachable") ||
+		!strings.Contains(res.stderr, "connection_settings=--database-url") || strings.Contains(res.stderr, "hunter2") {
+		t.Fatalf("unreachable: exit %d, stderr %q", res.code, res.stderr)
+	}
+}
+
+// lines feeds what run writes to stderr to a channel, line by line.
+func lines(t *testing.T) (io.WriteCloser, <-chan string) {
+	pr, pw := io.Pipe()
+	ch := make(chan string, 100)
+	go func() {
+		defer close(ch)
+		sc := bufio.NewScanner(pr)
+		for sc.Scan() {
+			ch <- sc.Text()
+		}
+	}()
+	t.Cleanup(func() { _ = pw.Close() })
+	return pw, ch
+}
+
+// waitLine returns the first line matching re, failing after a minute.
+func waitLine(t *testing.T, ch <-chan string, re string, seen *[]string) []string {
+	t.Helper()
+	rx := regexp.MustCompile(re)
+	timeout := time.After(time.Minute)
+	for {
+		select {
+		case l, ok := <-ch:
+			if !ok {
+				t.Fatalf("output ended without %q; got:\n%s", re, strings.Join(*seen, "\n"))
+			}
+			*seen = append(*seen, l)
+			if m := rx.FindStringSubmatch(l); m != nil {
+				return m
+			}
+		case <-timeout:
+			t.Fatalf("no line matching %q within a minute; got:\n%s", re, strings.Join(*seen, "\n"))
+		}
+	}
+}
+
+func get(t *testing.T, url string) (int, string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+// The daemon serves /healthz and /metrics, runs passes on its schedule, and
+// stops cleanly when its context is cancelled (as by SIGTERM).
+func TestDaemon(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	w, out := lines(t)
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan int, 1)
+	go func() {
+		done <- run(ctx, []string{"--schedule", "* * * * * *", "--listen", "127.0.0.1:0", "--schema", f.Schema},
+			[]string{"DATABASE_URL=" + f.Cluster.URL()}, io.Discard, w)
+	}()
+	var seen []string
+	addr := waitLine(t, out, `msg="reaper listening" addr=(\S+)`, &seen)[1]
+	waitLine(t, out, `msg="reaper started" .*schedule="\* \* \* \* \* \*"`, &seen)
+	if code, body := get(t, "http://"+addr+"/healthz"); code != 200 || body != "ok\n" {
+		t.Fatalf("/healthz: %d %q", code, body)
+	}
+	waitLine(t, out, `msg="reaper pass done" .*holders=2 locks=6`, &seen)
+	code, body := get(t, "http://"+addr+"/metrics")
+	for _, want := range []string{
+		"# TYPE pglease_reaper_rows_reaped_total counter\n",
+		`pglease_reaper_rows_reaped_total{kind="holder"} 2` + "\n",
+		`pglease_reaper_rows_reaped_total{kind="lock"} 6` + "\n",
+		"pglease_reaper_pass_failures_total 0\n",
+		"pglease_reaper_last_pass_duration_seconds ",
+	} {
+		if code != 200 || !strings.Contains(body, want) {
+			t.Fatalf("/metrics (%d) lacks %q:\n%s", code, want, body)
+		}
+	}
+	if m := regexp.MustCompile(`(?m)^pglease_reaper_passes_total (\d+)$`).FindStringSubmatch(body); m == nil || m[1] == "0" {
+		t.Fatalf("/metrics: no passes counted:\n%s", body)
+	}
+	if m := regexp.MustCompile(`(?m)^pglease_reaper_last_success_timestamp_seconds (\d+)`).FindStringSubmatch(body); m == nil ||
+		m[1] < fmt.Sprint(time.Now().Add(-time.Hour).Unix()) {
+		t.Fatalf("/metrics: no recent last success:\n%s", body)
+	}
+	cancel()
+	if code := <-done; code != exitOK {
+		t.Fatalf("daemon exit %d; output:\n%s", code, strings.Join(seen, "\n"))
+	}
+	waitLine(t, out, `msg="reaper stopped"`, &seen)
+}

@@ -1,0 +1,116 @@
+package reaper_test
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/pglease/pglease/internal/pgtest"
+	"github.com/pglease/pglease/reaper"
+)
+
+func TestMain(m *testing.M) { pgtest.Main(m) }
+
+// fx is a migrated schema with its table names quoted once.
+type fx struct {
+	*pgtest.DB
+	holders, locks string
+	t              *testing.T
+}
+
+func newFx(t *testing.T) *fx {
+	t.Helper()
+	db := pgtest.NewDB(t)
+	return &fx{
+		DB:      db,
+		holders: pgx.Identifier{db.Schema, "holders"}.Sanitize(),
+		locks:   pgx.Identifier{db.Schema, "locks"}.Sanitize(),
+		t:       t,
+	}
+}
+
+// fn returns the schema-qualified name of one of the schema's functions.
+func (f *fx) fn(name string) string { return pgx.Identifier{f.Schema, name}.Sanitize() }
+
+func ctxFor(t *testing.T, d time.Duration) context.Context {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// addHolders inserts n holders, alive for an hour or dead for an hour, and
+// returns their ids.
+func (f *fx) addHolders(ctx context.Context, n int, alive bool) []int64 {
+	f.t.Helper()
+	sign := "-"
+	if alive {
+		sign = "+"
+	}
+	rows, err := f.Pool.Query(ctx, `INSERT INTO `+f.holders+` (host, pid, application, ttl, expires_at)
+		SELECT 'host', g, 'reaper-test', interval '1 hour', clock_timestamp() `+sign+` interval '1 hour'
+		  FROM generate_series(1, $1) g RETURNING id`, n)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	ids, err := pgx.CollectRows(rows, pgx.RowTo[int64])
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	return ids
+}
+
+// addLocks inserts per lock rows for each holder id (which need not exist).
+func (f *fx) addLocks(ctx context.Context, holderIDs []int64, per int) {
+	f.t.Helper()
+	_, err := f.Pool.Exec(ctx, `INSERT INTO `+f.locks+` (name, entity_id, token, holder_id)
+		SELECT 'job', h::text || ':' || g::text, nextval($3::regclass), h
+		  FROM unnest($1::bigint[]) h, generate_series(1, $2) g`,
+		holderIDs, per, pgx.Identifier{f.Schema, "token_seq"}.Sanitize())
+	if err != nil {
+		f.t.Fatal(err)
+	}
+}
+
+// expire makes a holder dead now.
+func (f *fx) expire(ctx context.Context, id int64) {
+	f.t.Helper()
+	if _, err := f.Pool.Exec(ctx, `UPDATE `+f.holders+` SET expires_at = clock_timestamp() - interval '1 second' WHERE id = $1`, id); err != nil {
+		f.t.Fatal(err)
+	}
+}
+
+func (f *fx) count(ctx context.Context, query string, args ...any) int64 {
+	f.t.Helper()
+	var n int64
+	if err := f.Pool.QueryRow(ctx, query, args...).Scan(&n); err != nil {
+		f.t.Fatalf("%s: %v", query, err)
+	}
+	return n
+}
+
+// deadLocks counts lock rows whose holder is gone or expired.
+func (f *fx) deadLocks(ctx context.Context) int64 {
+	return f.count(ctx, `SELECT count(*) FROM `+f.locks+` l WHERE NOT EXISTS
+		(SELECT 1 FROM `+f.holders+` h WHERE h.id = l.holder_id AND h.expires_at > clock_timestamp())`)
+}
+
+func (f *fx) deadHolders(ctx context.Context) int64 {
+	return f.count(ctx, `SELECT count(*) FROM `+f.holders+` WHERE expires_at <= clock_timestamp()`)
+}
+
+func (f *fx) reaper(pool *pgxpool.Pool, cfg reaper.Config) *reaper.Reaper {
+	f.t.Helper()
+	cfg.Schema = f.Schema
+	if pool == nil {
+		pool = f.Pool
+	}
+	r, err := reaper.New(pool, &cfg)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	return r
+}

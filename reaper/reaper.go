@@ -1,0 +1,253 @@
+package reaper
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/robfig/cron/v3"
+
+	"github.com/pglease/pglease/internal/ident"
+)
+
+// Defaults used for the zero values of Config's fields.
+const (
+	// DefaultSchema is the schema the pglease tables live in.
+	DefaultSchema = ident.DefaultSchema
+	// DefaultBatchSize is how many rows one batch deletes at most.
+	DefaultBatchSize = 1000
+	// DefaultBatchTimeout bounds one batch: its transaction is cancelled
+	// after this long.
+	DefaultBatchTimeout = 10 * time.Second
+)
+
+// Limits of Config's fields.
+const (
+	// MaxBatchSize is the largest BatchSize accepted. Bigger batches hold
+	// their row locks longer and make each notification burst bigger.
+	MaxBatchSize = 100_000
+	// MinBatchTimeout is the smallest BatchTimeout accepted (PostgreSQL
+	// timeouts are in milliseconds, and 0 would mean "no timeout").
+	MinBatchTimeout = time.Millisecond
+)
+
+// Errors. Every error this package returns wraps one of them, so callers can
+// tell a bad configuration from a failed pass with errors.Is.
+var (
+	// ErrInvalidConfig is wrapped by every error New returns.
+	ErrInvalidConfig = errors.New("reaper: invalid config")
+	// ErrInvalidSchedule is wrapped by the errors of Start and ParseSchedule
+	// for a schedule that cannot be parsed.
+	ErrInvalidSchedule = errors.New("reaper: invalid schedule")
+	// ErrAlreadyStarted is returned by Start when a schedule is running.
+	ErrAlreadyStarted = errors.New("reaper: already started: call Stop before starting again")
+
+	// ErrPass is wrapped by every error of a pass (RunOnce, or a scheduled
+	// pass reported to OnPass). One of the more specific errors below is
+	// usually wrapped as well.
+	ErrPass = errors.New("reaper: pass failed")
+	// ErrUnreachable: no connection to the database could be made or kept.
+	ErrUnreachable = errors.New("reaper: database unreachable")
+	// ErrTimeout: a batch ran into BatchTimeout.
+	ErrTimeout = errors.New("reaper: batch timed out")
+	// ErrNotMigrated: the schema or its tables do not exist.
+	ErrNotMigrated = errors.New("reaper: schema not migrated")
+	// ErrPermission: the database role lacks a privilege the reaper needs.
+	ErrPermission = errors.New("reaper: permission denied")
+
+	// ErrInterrupted is returned by a pass whose context was cancelled. It
+	// is not a failure: the work done so far is committed, and the error
+	// also wraps the context's error.
+	ErrInterrupted = errors.New("reaper: pass interrupted")
+)
+
+// Config configures a Reaper. The zero value works: every field has a default.
+type Config struct {
+	// Schema holds the pglease tables. Defaults to DefaultSchema ("lease").
+	Schema string
+
+	// BatchSize is the most rows one batch (one transaction) deletes.
+	// Defaults to DefaultBatchSize (1000); at most MaxBatchSize.
+	BatchSize int
+
+	// BatchTimeout bounds each batch: its statements are cancelled by the
+	// server (statement_timeout, lock_timeout) after this long, and the
+	// client gives up shortly after that if the server does not answer.
+	// Defaults to DefaultBatchTimeout (10s); at least MinBatchTimeout.
+	BatchTimeout time.Duration
+
+	// DryRun makes passes count what they would delete, without deleting
+	// or locking anything. Defaults to false.
+	DryRun bool
+
+	// Logger receives the reaper's logs: a pass that deleted (or skipped)
+	// something, a failed scheduled pass, a skipped scheduled run. Defaults
+	// to nil, which discards them.
+	Logger *slog.Logger
+
+	// OnPass, when set, is called after every pass (RunOnce and scheduled
+	// passes) with its Stats and error, on the goroutine that ran the pass.
+	// It must not call Stop. Defaults to nil (not called).
+	OnPass func(Stats, error)
+}
+
+// Stats describes one pass.
+type Stats struct {
+	// Holders is how many dead holder rows were deleted (or, in a dry run,
+	// would be).
+	Holders int64
+	// Locks is how many lock rows of dead holders were deleted (or, in a
+	// dry run, would be).
+	Locks int64
+	// Skipped is how many lock rows of dead holders were left in place
+	// because another transaction had them locked (a fenced write, an
+	// acquirer taking the key over, another reaper). A later pass deletes
+	// them. Always 0 in a dry run.
+	Skipped int64
+	// Batches is how many delete transactions the pass committed. Always 0
+	// in a dry run.
+	Batches int
+	// Duration is how long the pass took.
+	Duration time.Duration
+	// DryRun reports whether the pass was a dry run.
+	DryRun bool
+}
+
+// Reaper deletes the rows of dead holders. It is safe for concurrent use.
+type Reaper struct {
+	pool *pgxpool.Pool
+	cfg  Config
+	log  *slog.Logger
+
+	// SQL, built once with the quoted table names.
+	setLocal      string
+	delHolders    string
+	deadHolderIDs string
+	delLocks      string
+	countLocks    string
+	countDead     string
+	deadOrGoneIDs string
+
+	mu      sync.Mutex // guards cron and cancel
+	cron    *cron.Cron
+	cancel  context.CancelFunc
+	running atomic.Bool // a scheduled pass is running
+}
+
+// New returns a Reaper that works on pool. cfg may be nil for all defaults.
+// It validates the configuration but does not contact the database.
+func New(pool *pgxpool.Pool, cfg *Config) (*Reaper, error) {
+	if pool == nil {
+		return nil, fmt.Errorf("%w: pool is nil: pass the *pgxpool.Pool of the database that holds the pglease schema", ErrInvalidConfig)
+	}
+	var c Config
+	if cfg != nil {
+		c = *cfg
+	}
+	if c.Schema == "" {
+		c.Schema = DefaultSchema
+	}
+	if err := ident.ValidateSchema(c.Schema); err != nil {
+		return nil, fmt.Errorf("%w: Schema: %w", ErrInvalidConfig, err)
+	}
+	switch {
+	case c.BatchSize < 0:
+		return nil, fmt.Errorf("%w: BatchSize %d is negative: leave it 0 for the default (%d) or set 1 to %d",
+			ErrInvalidConfig, c.BatchSize, DefaultBatchSize, MaxBatchSize)
+	case c.BatchSize > MaxBatchSize:
+		return nil, fmt.Errorf("%w: BatchSize %d is above the limit of %d: smaller batches hold row locks for less time",
+			ErrInvalidConfig, c.BatchSize, MaxBatchSize)
+	case c.BatchSize == 0:
+		c.BatchSize = DefaultBatchSize
+	}
+	switch {
+	case c.BatchTimeout < 0:
+		return nil, fmt.Errorf("%w: BatchTimeout %s is negative: leave it 0 for the default (%s) or set at least %s",
+			ErrInvalidConfig, c.BatchTimeout, DefaultBatchTimeout, MinBatchTimeout)
+	case c.BatchTimeout == 0:
+		c.BatchTimeout = DefaultBatchTimeout
+	case c.BatchTimeout < MinBatchTimeout:
+		return nil, fmt.Errorf("%w: BatchTimeout %s is below %s: PostgreSQL timeouts count whole milliseconds",
+			ErrInvalidConfig, c.BatchTimeout, MinBatchTimeout)
+	}
+	log := c.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	r := &Reaper{pool: pool, cfg: c, log: log}
+	r.buildSQL()
+	return r, nil
+}
+
+// Config returns the configuration in effect, with defaults filled in.
+func (r *Reaper) Config() Config { return r.cfg }
+
+func (r *Reaper) buildSQL() {
+	holders := pgx.Identifier{r.cfg.Schema, "holders"}.Sanitize()
+	locks := pgx.Identifier{r.cfg.Schema, "locks"}.Sanitize()
+	ms := strconv.FormatInt(r.cfg.BatchTimeout.Milliseconds(), 10)
+	// The lock wait gives up a little before the statement does, so that a
+	// batch stuck behind DDL is reported as such, not as a slow batch.
+	lockMS := strconv.FormatInt(max(1, r.cfg.BatchTimeout.Milliseconds()*9/10), 10)
+
+	// Asynchronous commit: a lost reap only leaves dead rows for the next
+	// pass, and the NOTIFY sent by the delete trigger holds a cluster-wide
+	// lock through its commit's flush, which a durable commit would make
+	// everyone else's commits wait for.
+	r.setLocal = "SET LOCAL statement_timeout = " + ms +
+		"; SET LOCAL lock_timeout = " + lockMS +
+		"; SET LOCAL synchronous_commit = off"
+
+	// Dead holder rows, oldest expiry first. The inner clock_timestamp() is
+	// wrapped in a sub-select so that it is computed once and can bound the
+	// holders_expires_at index scan; the outer one re-checks every row at
+	// the moment it is deleted. The picked rows are locked (SKIP LOCKED:
+	// a heartbeat or a takeover holding one is not waited on), so a
+	// heartbeat arriving now waits for this delete and then finds no row.
+	r.delHolders = `DELETE FROM ` + holders + ` h
+ WHERE h.id = ANY (ARRAY(
+         SELECT d.id FROM ` + holders + ` d
+          WHERE d.expires_at <= (SELECT clock_timestamp())
+          ORDER BY d.expires_at
+          LIMIT $1
+            FOR UPDATE SKIP LOCKED))
+   AND h.expires_at <= clock_timestamp()`
+
+	// The distinct holder ids of the locks table from $1 on, by a loose scan
+	// of locks_holder_id (one index probe per distinct id), keeping those
+	// whose holder row is gone. A holder row that is gone can never be
+	// renewed, which is what makes deleting its locks safe.
+	loose := `WITH RECURSIVE ids(holder_id) AS (
+    (SELECT l.holder_id FROM ` + locks + ` l WHERE l.holder_id >= $1 ORDER BY l.holder_id LIMIT 1)
+  UNION ALL
+    SELECT (SELECT l.holder_id FROM ` + locks + ` l WHERE l.holder_id > ids.holder_id ORDER BY l.holder_id LIMIT 1)
+      FROM ids WHERE ids.holder_id IS NOT NULL)
+SELECT ids.holder_id FROM ids
+ WHERE ids.holder_id IS NOT NULL
+   AND NOT EXISTS (SELECT 1 FROM ` + holders + ` h WHERE h.id = ids.holder_id%s)
+ LIMIT $2`
+	r.deadHolderIDs = fmt.Sprintf(loose, "")
+	// For a dry run, which deletes no holder rows first: no live holder.
+	r.deadOrGoneIDs = fmt.Sprintf(loose, " AND h.expires_at > clock_timestamp()")
+
+	// Lock rows of the given (gone) holders. Rows locked by someone else are
+	// skipped. The rows are never updated, so their ctid is stable while we
+	// hold the row lock; the NOT EXISTS re-checks the holder at delete time.
+	r.delLocks = `DELETE FROM ` + locks + ` l
+ WHERE l.ctid = ANY (ARRAY(
+         SELECT k.ctid FROM ` + locks + ` k
+          WHERE k.holder_id = ANY ($1::bigint[])
+          LIMIT $2
+            FOR UPDATE SKIP LOCKED))
+   AND NOT EXISTS (SELECT 1 FROM ` + holders + ` h WHERE h.id = l.holder_id)`
+
+	r.countLocks = `SELECT count(*) FROM ` + locks + ` WHERE holder_id = ANY ($1::bigint[])`
+	r.countDead = `SELECT count(*) FROM ` + holders + ` WHERE expires_at <= clock_timestamp()`
+}
