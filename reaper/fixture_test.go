@@ -18,10 +18,10 @@ func TestMain(m *testing.M) { pgtest.Main(m) }
 type fx struct {
 	*pgtest.DB
 	holders, locks string
-	t              *testing.T
+	t              testing.TB
 }
 
-func newFx(t *testing.T) *fx {
+func newFx(t testing.TB) *fx {
 	t.Helper()
 	db := pgtest.NewDB(t)
 	return &fx{
@@ -35,7 +35,7 @@ func newFx(t *testing.T) *fx {
 // fn returns the schema-qualified name of one of the schema's functions.
 func (f *fx) fn(name string) string { return pgx.Identifier{f.Schema, name}.Sanitize() }
 
-func ctxFor(t *testing.T, d time.Duration) context.Context {
+func ctxFor(t testing.TB, d time.Duration) context.Context {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), d)
 	t.Cleanup(cancel)

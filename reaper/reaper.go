@@ -224,18 +224,20 @@ func (r *Reaper) buildSQL() {
 	// of locks_holder_id (one index probe per distinct id), keeping those
 	// whose holder row is gone. A holder row that is gone can never be
 	// renewed, which is what makes deleting its locks safe.
-	loose := `WITH RECURSIVE ids(holder_id) AS (
+	loose := func(holderCond string) string {
+		return `WITH RECURSIVE ids(holder_id) AS (
     (SELECT l.holder_id FROM ` + locks + ` l WHERE l.holder_id >= $1 ORDER BY l.holder_id LIMIT 1)
   UNION ALL
     SELECT (SELECT l.holder_id FROM ` + locks + ` l WHERE l.holder_id > ids.holder_id ORDER BY l.holder_id LIMIT 1)
       FROM ids WHERE ids.holder_id IS NOT NULL)
 SELECT ids.holder_id FROM ids
  WHERE ids.holder_id IS NOT NULL
-   AND NOT EXISTS (SELECT 1 FROM ` + holders + ` h WHERE h.id = ids.holder_id%s)
+   AND NOT EXISTS (SELECT 1 FROM ` + holders + ` h WHERE h.id = ids.holder_id` + holderCond + `)
  LIMIT $2`
-	r.deadHolderIDs = fmt.Sprintf(loose, "")
+	}
+	r.deadHolderIDs = loose("")
 	// For a dry run, which deletes no holder rows first: no live holder.
-	r.deadOrGoneIDs = fmt.Sprintf(loose, " AND h.expires_at > clock_timestamp()")
+	r.deadOrGoneIDs = loose(" AND h.expires_at > clock_timestamp()")
 
 	// Lock rows of the given (gone) holders. Rows locked by someone else are
 	// skipped. The rows are never updated, so their ctid is stable while we

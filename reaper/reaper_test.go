@@ -746,3 +746,29 @@ func TestGrants(t *testing.T) {
 		t.Fatalf("dry run with grants: %v", err)
 	}
 }
+
+// Schema names are quoted, never interpolated: quotes, spaces, capitals and
+// format verbs in the name change nothing.
+func TestOddSchemaName(t *testing.T) {
+	t.Parallel()
+	c := pgtest.Shared(t)
+	schema := `Odd "%s" ` + pgtest.NewSchemaName()
+	pgtest.Migrate(t, c, schema)
+	f := &fx{DB: &pgtest.DB{Cluster: c, Schema: schema, Pool: pgtest.NewPool(t, c, "reaper-test")},
+		holders: pgx.Identifier{schema, "holders"}.Sanitize(), locks: pgx.Identifier{schema, "locks"}.Sanitize(), t: t}
+	ctx := ctxFor(t, time.Minute)
+	f.addLocks(ctx, f.addHolders(ctx, 3, false), 4)
+	f.addLocks(ctx, f.addHolders(ctx, 1, true), 2)
+
+	dry, err := f.reaper(nil, reaper.Config{DryRun: true}).RunOnce(ctx)
+	if err != nil || dry.Holders != 3 || dry.Locks != 12 {
+		t.Fatalf("dry run: %+v, %v", dry, err)
+	}
+	st, err := f.reaper(nil, reaper.Config{}).RunOnce(ctx)
+	if err != nil || st.Holders != 3 || st.Locks != 12 {
+		t.Fatalf("pass: %+v, %v", st, err)
+	}
+	if n := f.count(ctx, `SELECT count(*) FROM `+f.locks); n != 2 {
+		t.Fatalf("%d lock rows left, want 2", n)
+	}
+}

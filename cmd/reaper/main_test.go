@@ -26,14 +26,22 @@ func TestMain(m *testing.M) {
 			os.Exit(1)
 		}
 		binary = filepath.Join(dir, "reaper")
-		cmd := exec.Command("go", "build", "-o", binary, "-ldflags", "-X main.version=v0.0.0-test", ".")
-		if out, err := cmd.CombinedOutput(); err != nil {
+		if err := buildBinary(); err != nil {
 			_ = os.RemoveAll(dir)
-			fmt.Fprintf(os.Stderr, "go build: %v\n%s", err, out)
+			fmt.Fprintln(os.Stderr, err)
 			os.Exit(1)
 		}
 	}
 	pgtest.Main(m)
+}
+
+// buildBinary builds the reaper into the path binary names.
+func buildBinary() error {
+	cmd := exec.Command("go", "build", "-o", binary, "-ldflags", "-X main.version=v0.0.0-test", ".")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("go build: %v\n%s", err, out)
+	}
+	return nil
 }
 
 // wantsTest reports whether -test.run and -test.skip let the top-level test

@@ -53,7 +53,7 @@ Usage:
                                    apply, show or roll back the pglease schema
 
 Flags (each has an environment variable; a flag given wins over it):
-  --database-url URL     PostgreSQL connection string          DATABASE_URL
+  --database-url URL     PostgreSQL connection string           DATABASE_URL
                          (URL or "key=value ..."). When neither is set, the
                          libpq variables are used: PGHOST, PGPORT, PGUSER,
                          PGPASSWORD, PGDATABASE, PGSSLMODE, PGPASSFILE, ...
