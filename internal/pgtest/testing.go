@@ -47,7 +47,9 @@ func sharedCluster() (*Cluster, error) {
 	if u := os.Getenv(EnvURL); u != "" {
 		return External(u), nil
 	}
-	return Start(Options{})
+	// Tests check logic, not durability timings: fsync off keeps them quick.
+	// Benchmarks and fault tests start durable clusters of their own.
+	return Start(Options{NoFsync: true})
 }
 
 // Main runs the tests of a package, stops the shared cluster, and fails the

@@ -82,8 +82,9 @@ RETURNS TABLE (acquired boolean, token bigint, holder_id bigint, host text, pid 
                application text, acquired_at timestamptz, expires_in interval, busy boolean)
 LANGUAGE plpgsql AS $$
 DECLARE
-    cur   locks%ROWTYPE;
-    h_exp timestamptz;
+    cur      locks%ROWTYPE;
+    h_exp    timestamptz;
+    have_row boolean;
 BEGIN
     -- The caller must itself be alive; a lock inserted for a dead holder would be
     -- free for anyone to take at once.
@@ -93,9 +94,18 @@ BEGIN
             USING ERRCODE = '55L02', HINT = 'register a new holder';
     END IF;
 
+    -- A takeover must be durable even where the role defaults to asynchronous
+    -- commit: a lost acquire after a crash could hand the key to two holders.
+    IF current_setting('synchronous_commit') = 'off' THEN
+        PERFORM set_config('synchronous_commit', 'on', true);
+    END IF;
+
     -- Fast path for a held key: a plain read, no row lock, no transaction id.
+    -- A row of our own holder is an orphan (an acquire whose reply was lost, or
+    -- a release still pending): the client only asks when it holds no lock on
+    -- the key, so it is replaced below with a fresh token.
     SELECT l.* INTO cur FROM locks l WHERE l.name = p_name AND l.entity_id = p_id;
-    IF FOUND THEN
+    IF FOUND AND cur.holder_id <> p_holder THEN
         SELECT h.expires_at INTO h_exp FROM holders h WHERE h.id = cur.holder_id;
         IF h_exp > clock_timestamp() THEN
             RETURN QUERY SELECT false, NULL::bigint, cur.holder_id, h.host, h.pid, h.application,
@@ -118,7 +128,10 @@ BEGIN
     -- not waited on.
     SELECT l.* INTO cur FROM locks l WHERE l.name = p_name AND l.entity_id = p_id
         FOR UPDATE SKIP LOCKED;
-    IF FOUND THEN
+    have_row := FOUND;
+    IF have_row AND cur.holder_id = p_holder THEN
+        NULL; -- our own orphan: replace it
+    ELSIF have_row THEN
         -- Is its holder dead? A real (no-op) UPDATE of a dead holder row makes a
         -- heartbeat that already passed its expiry check wait for us and then
         -- re-check against the new row version, so it cannot revive the holder
@@ -135,6 +148,8 @@ BEGIN
                 RETURN;
             END IF;
         END IF;
+    END IF;
+    IF have_row THEN
         -- Take it over. Quietly: waiters need no wake-up for a key that is about
         -- to be held again.
         PERFORM set_config('pglease.quiet', 'on', true);
@@ -166,6 +181,31 @@ BEGIN
     PERFORM set_config('synchronous_commit', 'off', true);
     DELETE FROM locks l WHERE l.name = p_name AND l.entity_id = p_id AND l.token = p_token;
     RETURN FOUND;
+END
+$$;
+-- +goose StatementEnd
+
+-- renew is the heartbeat: it extends a live holder's lease and reports how many
+-- lock rows the holder has, with the XOR of their tokens, so the client can tell
+-- in the same round trip whether a row was deleted from under it. It never
+-- revives an expired holder. alive is false when the holder has expired or is
+-- gone: its locks are lost for good.
+-- +goose StatementBegin
+CREATE FUNCTION renew(p_holder bigint)
+RETURNS TABLE (alive boolean, locks bigint, tokens_xor bigint)
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF current_setting('synchronous_commit') = 'off' THEN
+        PERFORM set_config('synchronous_commit', 'on', true);
+    END IF;
+    UPDATE holders h SET expires_at = clock_timestamp() + h.ttl
+     WHERE h.id = p_holder AND h.expires_at > clock_timestamp();
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT false, 0::bigint, 0::bigint;
+        RETURN;
+    END IF;
+    RETURN QUERY SELECT true, count(*), coalesce(bit_xor(l.token), 0)
+                   FROM locks l WHERE l.holder_id = p_holder;
 END
 $$;
 -- +goose StatementEnd
@@ -283,7 +323,7 @@ DECLARE
     f text;
 BEGIN
     FOREACH f IN ARRAY ARRAY['channel()', 'key_hash(text,text)', 'acquire(text,text,bigint)',
-                             'release(text,text,bigint)', 'holds(text,text,bigint)',
+                             'release(text,text,bigint)', 'renew(bigint)', 'holds(text,text,bigint)',
                              'fence(text,text,bigint)', 'notify_deleted()'] LOOP
         EXECUTE format('ALTER FUNCTION %s SET search_path = %I, pg_catalog, pg_temp', f, current_schema());
     END LOOP;
@@ -300,6 +340,7 @@ DROP FUNCTION notify_deleted();
 DROP FUNCTION fence(text, text, bigint);
 DROP FUNCTION holds(text, text, bigint);
 DROP FUNCTION release(text, text, bigint);
+DROP FUNCTION renew(bigint);
 DROP FUNCTION acquire(text, text, bigint);
 DROP FUNCTION key_hash(text, text);
 DROP FUNCTION channel();

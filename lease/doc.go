@@ -1,0 +1,53 @@
+// Package lease provides lease locks kept in PostgreSQL.
+//
+// A lock is a row in the locks table keyed by (name, id). A Client registers
+// one row in the holders table and renews it with one statement per
+// HeartbeatInterval, however many locks it holds. A lock is held while its row
+// exists and its holder is alive. Lock rows are only inserted and deleted.
+//
+// # Failure model, in plain words
+//
+//   - The database is the authority, and only its clock decides expiry. Client
+//     clocks may be wrong; it does not matter.
+//   - A process that crashes, hangs or is cut off keeps its locks until its
+//     holder's lease runs out (TTL after its last renewal); then anyone may take
+//     them over, in one round trip. A dropped connection or a recycled pool
+//     connection costs nothing: the lease lives in a row, not a session.
+//   - A holder whose lease ran out is dead for good. Its heartbeat refuses to
+//     renew it, even if the process comes back a moment later.
+//   - The client gives up first. It reports every lock lost (Lock.Done closes,
+//     Lock.Context is cancelled with cause ErrLost) when TTL - SafetyMargin has
+//     passed on its monotonic clock since the start of its last successful
+//     renewal: before the database could consider the lease expired. A lock row
+//     deleted from under its holder (by a DBA) is reported lost within one
+//     heartbeat, usually at once through a notification.
+//   - A process can still be paused (GC, SIGSTOP, a VM migration) after it
+//     checked its lock and before it wrote. No lease can prevent that. The
+//     fencing token can: every acquisition of a key gets a larger token than
+//     the one before, and the SQL function fence, called in the transaction that
+//     writes the protected data, fails unless the token is the live holder's and
+//     holds a row lock that keeps any takeover waiting until that transaction
+//     ends. A write fenced this way never lands after the lock passed on.
+//   - Acquire commits durably. Release commits asynchronously: a release lost in
+//     a server crash only keeps a free key locked until its holder expires.
+//   - Mutual exclusion never depends on notifications: they only wake waiters
+//     early. A missed one costs latency (PollInterval), never correctness.
+//
+// # Use
+//
+//	client, err := lease.New(pool, &lease.Config{TTL: 30 * time.Second})
+//	defer client.Close(ctx)
+//	lock, err := client.Acquire(ctx, lease.Key{Name: "invoice", ID: "42"})
+//	defer lock.Release(ctx)
+//	err = pgx.BeginFunc(lock.Context(), pool, func(tx pgx.Tx) error {
+//	    if err := lock.Fence(ctx, tx); err != nil {
+//	        return err // lost: do not write
+//	    }
+//	    _, err := tx.Exec(ctx, "UPDATE invoices SET ...")
+//	    return err
+//	})
+//
+// The schema is created by package migrations (or the reaper binary's
+// "migrate up"). Rows of dead holders are taken over by acquirers as needed
+// and deleted in bulk by package reaper.
+package lease
