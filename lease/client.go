@@ -39,12 +39,12 @@ type Client struct {
 // Fields are guarded by Client.mu.
 type holder struct {
 	id       int64
-	deadline time.Time        // local: start of last good renewal + TTL - SafetyMargin
-	locks    map[int64]*Lock  // held, by token
-	pending  map[int64]Key    // releases that failed; retried after each renewal
-	seq      uint64           // registration counter of locks
-	lost     bool             // given up: never used again
-	ctx      context.Context  // cancelled when lost: ends the heartbeat and its query
+	deadline time.Time       // local: start of last good renewal + TTL - SafetyMargin
+	locks    map[int64]*Lock // held, by token
+	pending  map[int64]Key   // releases that failed; retried after each renewal
+	seq      uint64          // registration counter of locks
+	lost     bool            // given up: never used again
+	ctx      context.Context // cancelled when lost: ends the heartbeat and its query
 	stop     context.CancelFunc
 }
 
@@ -288,12 +288,12 @@ func (c *Client) attempt(ctx context.Context, key Key, ks *keyState) (*Lock, *Lo
 		return nil, nil, err
 	}
 	var (
-		acquired, busy         bool
-		token, holderID        *int64
-		host, app              *string
-		pid                    *int32
-		acquiredAt             *time.Time
-		expiresInMicroseconds  *int64
+		acquired, busy        bool
+		token, holderID       *int64
+		host, app             *string
+		pid                   *int32
+		acquiredAt            *time.Time
+		expiresInMicroseconds *int64
 	)
 	err = c.pool.QueryRow(ctx, c.q.acquire, key.Name, key.ID, h.id).Scan(
 		&acquired, &token, &holderID, &host, &pid, &app, &acquiredAt, &expiresInMicroseconds, &busy)

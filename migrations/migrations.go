@@ -150,7 +150,7 @@ func withProvider(ctx context.Context, pool *pgxpool.Pool, schema string, create
 
 	locker, err := lock.NewPostgresSessionLocker(
 		lock.WithLockID(lockID(schema)),
-		lock.WithLockTimeout(1, 600),   // poll every second, for up to 10 minutes
+		lock.WithLockTimeout(1, 600),  // poll every second, for up to 10 minutes
 		lock.WithUnlockTimeout(1, 60)) // a lost unlock is released with the session anyway
 	if err != nil {
 		return fmt.Errorf("migrations: %w", err)
