@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -33,6 +34,8 @@ type Client struct {
 	hInit   chan struct{} // non-nil while a holder is being registered
 	keys    map[string]*keyState
 	wg      sync.WaitGroup // heartbeats and clean-ups
+
+	attempts atomic.Int64 // acquire statements sent, for tests and benchmarks
 }
 
 // holder is one row of the holders table, from this client's point of view.
@@ -295,6 +298,7 @@ func (c *Client) attempt(ctx context.Context, key Key, ks *keyState) (*Lock, *Lo
 		acquiredAt            *time.Time
 		expiresInMicroseconds *int64
 	)
+	c.attempts.Add(1)
 	err = c.pool.QueryRow(ctx, c.q.acquire, key.Name, key.ID, h.id).Scan(
 		&acquired, &token, &holderID, &host, &pid, &app, &acquiredAt, &expiresInMicroseconds, &busy)
 	if err != nil {
