@@ -345,7 +345,9 @@ func (c *Client) attempt(ctx context.Context, key Key, ks *keyState) (*Lock, *Lo
 		closed := c.closed
 		c.mu.Unlock()
 		// The holder was given up while we asked: this row is not ours to use.
-		c.cleanupOrphan(key, h)
+		// Its holder's clean-up may have run before the insert committed, so
+		// delete it by its token.
+		c.releaseInBackground(key, *token)
 		if closed {
 			return nil, nil, ErrClosed
 		}
@@ -626,6 +628,17 @@ func (c *Client) startCleanupLocked(id int64, reason string) {
 		if _, err := c.pool.Exec(ctx, c.q.dropHolder, id); err != nil {
 			c.log.Debug("pglease: holder clean-up failed; its rows expire with it", "holder_id", id, "reason", reason, "error", err)
 		}
+	}()
+}
+
+// releaseInBackground deletes the row of key with token, best effort.
+func (c *Client) releaseInBackground(key Key, token int64) {
+	c.wg.Add(1)
+	go func() {
+		defer c.wg.Done()
+		ctx, cancel := context.WithTimeout(context.Background(), c.cfg.ReleaseTimeout)
+		defer cancel()
+		_, _ = c.pool.Exec(ctx, c.q.release, key.Name, key.ID, token)
 	}()
 }
 
