@@ -313,10 +313,14 @@ func (r *Reaper) fail(step string, err error) error {
 	return e
 }
 
-// report logs a pass and hands it to OnPass. A pass that did nothing is
-// logged at debug level only. Failures of RunOnce are the caller's to log;
-// failures of scheduled passes, which have no caller, are logged here.
+// report hands a pass to OnPass, then logs it: whoever reads the log line
+// finds OnPass's effects (metrics, say) already there. A pass that did
+// nothing is logged at debug level only. Failures of RunOnce are the caller's
+// to log; failures of scheduled passes, which have no caller, are logged here.
 func (r *Reaper) report(st Stats, err error, scheduled bool) {
+	if r.cfg.OnPass != nil {
+		r.cfg.OnPass(st, err)
+	}
 	attrs := []slog.Attr{
 		slog.String("schema", r.cfg.Schema),
 		slog.Int64("holders", st.Holders),
@@ -338,8 +342,5 @@ func (r *Reaper) report(st Stats, err error, scheduled bool) {
 		r.log.LogAttrs(ctx, slog.LevelInfo, msgPassInterrupted, attrs...)
 	case scheduled:
 		r.log.LogAttrs(ctx, slog.LevelError, msgPassFailed, append(attrs, slog.String("error", err.Error()))...)
-	}
-	if r.cfg.OnPass != nil {
-		r.cfg.OnPass(st, err)
 	}
 }
