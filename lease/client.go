@@ -35,7 +35,7 @@ type Client struct {
 	keys    map[string]*keyState
 	wg      sync.WaitGroup // heartbeats and clean-ups
 
-	attempts atomic.Int64 // acquire statements sent, for tests and benchmarks
+	attempts atomic.Int64 // acquire statements sent and answered (or failed), for tests and benchmarks
 }
 
 // holder is one row of the holders table, from this client's point of view.
@@ -298,9 +298,9 @@ func (c *Client) attempt(ctx context.Context, key Key, ks *keyState) (*Lock, *Lo
 		acquiredAt            *time.Time
 		expiresInMicroseconds *int64
 	)
-	c.attempts.Add(1)
 	err = c.pool.QueryRow(ctx, c.q.acquire, key.Name, key.ID, h.id).Scan(
 		&acquired, &token, &holderID, &host, &pid, &app, &acquiredAt, &expiresInMicroseconds, &busy)
+	c.attempts.Add(1) // after the reply: a test that sees the count sees no statement in flight
 	if err != nil {
 		var pgErr *pgconn.PgError
 		if errors.As(err, &pgErr) {

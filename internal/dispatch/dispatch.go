@@ -6,9 +6,11 @@
 // waiters of each key. Notifications are hints, never the basis of a decision:
 // a waiter that misses one wakes on its own timer and asks the database. So the
 // dispatcher reconnects by itself, wakes every waiter after each (re)connect
-// (anything may have been missed meanwhile), and when notifications turn out
-// not to arrive at all (a transaction-pooling proxy) it says so once in the log
-// and waiting degrades to polling.
+// (anything may have been missed meanwhile), re-checks an idle connection
+// every ProbeInterval (a half-open TCP connection would otherwise go unnoticed
+// for minutes), and when notifications turn out not to arrive at all (a
+// transaction-pooling proxy) it says so once in the log and waiting degrades
+// to polling.
 package dispatch
 
 import (
@@ -16,12 +18,19 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"log/slog"
 	"math/big"
 	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+)
+
+// Defaults of Config.
+const (
+	ProbeTimeoutDefault  = 2 * time.Second
+	ProbeIntervalDefault = 30 * time.Second
 )
 
 // Config configures a Dispatcher.
@@ -31,12 +40,18 @@ type Config struct {
 	// Channel is the notification channel.
 	Channel string
 	// OnDelete, if set, is called for every deleted lock row announced, from
-	// the dispatcher's goroutine. key is name + "\x00" + id.
+	// the dispatcher's goroutine, after the key's waiters were woken. key is
+	// name + "\x00" + id.
 	OnDelete func(key string, token int64)
-	Logger   *slog.Logger
-	// ProbeTimeout bounds the self-test that checks notifications arrive at all.
-	// Defaults to 2s.
+	// Logger receives the dispatcher's records. Defaults to discarding them.
+	Logger *slog.Logger
+	// ProbeTimeout bounds the self-test that checks notifications arrive at
+	// all. Defaults to ProbeTimeoutDefault (2s).
 	ProbeTimeout time.Duration
+	// ProbeInterval is how long the connection may stay silent before the
+	// self-test is repeated, which also finds a connection that died without
+	// a word. Defaults to ProbeIntervalDefault (30s).
+	ProbeInterval time.Duration
 }
 
 // Dispatcher fans notifications out to per-key wake channels.
@@ -48,7 +63,10 @@ type Dispatcher struct {
 	started   bool
 	listening bool
 	degraded  bool
-	conns     int // successful LISTEN connections so far
+	warned    bool          // the "notifications do not arrive" warning was logged
+	conns     int           // successful LISTEN connections so far
+	pid       uint32        // backend pid of the LISTEN connection; 0 when down
+	gate      chan struct{} // non-nil: connecting waits until it is closed (tests)
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -65,8 +83,11 @@ func New(cfg Config) *Dispatcher {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	if cfg.ProbeTimeout == 0 {
-		cfg.ProbeTimeout = 2 * time.Second
+	if cfg.ProbeTimeout <= 0 {
+		cfg.ProbeTimeout = ProbeTimeoutDefault
+	}
+	if cfg.ProbeInterval <= 0 {
+		cfg.ProbeInterval = ProbeIntervalDefault
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	return &Dispatcher{cfg: cfg, subs: map[string]*entry{}, ctx: ctx, cancel: cancel, done: make(chan struct{})}
@@ -76,6 +97,7 @@ func New(cfg Config) *Dispatcher {
 type Sub struct {
 	d      *Dispatcher
 	key    string
+	e      *entry
 	closed bool
 }
 
@@ -95,14 +117,14 @@ func (d *Dispatcher) Subscribe(key string) *Sub {
 		d.started = true
 		go d.run()
 	}
-	return &Sub{d: d, key: key}
+	return &Sub{d: d, key: key, e: e}
 }
 
 // C returns a channel closed at the next wake-up of the key.
 func (s *Sub) C() <-chan struct{} {
 	s.d.mu.Lock()
 	defer s.d.mu.Unlock()
-	return s.d.subs[s.key].ch
+	return s.e.ch
 }
 
 // Close drops the interest. Idempotent.
@@ -113,11 +135,9 @@ func (s *Sub) Close() {
 		return
 	}
 	s.closed = true
-	if e := s.d.subs[s.key]; e != nil {
-		e.refs--
-		if e.refs == 0 {
-			delete(s.d.subs, s.key)
-		}
+	s.e.refs--
+	if s.e.refs == 0 && s.d.subs[s.key] == s.e {
+		delete(s.d.subs, s.key)
 	}
 }
 
@@ -139,13 +159,18 @@ func (d *Dispatcher) wakeLocked(key string) {
 func (d *Dispatcher) WakeAll() {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	d.wakeAllLocked()
+}
+
+func (d *Dispatcher) wakeAllLocked() {
 	for k := range d.subs {
 		d.wakeLocked(k)
 	}
 }
 
 // Listening reports whether the LISTEN connection is up and notifications were
-// seen to arrive on it.
+// not seen to go missing on it. Once it reports true, the wake-up that follows
+// a (re)connect has been delivered.
 func (d *Dispatcher) Listening() bool {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -157,6 +182,41 @@ func (d *Dispatcher) Connections() int {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	return d.conns
+}
+
+// BackendPID is the server process id of the LISTEN connection, 0 while there
+// is none.
+func (d *Dispatcher) BackendPID() uint32 {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.pid
+}
+
+// Subscriptions reports how many keys have waiters subscribed.
+func (d *Dispatcher) Subscriptions() int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return len(d.subs)
+}
+
+// PauseConnecting makes the dispatcher wait before its next connection attempt
+// until resume is called. For tests that need the listener to stay down.
+func (d *Dispatcher) PauseConnecting() (resume func()) {
+	g := make(chan struct{})
+	d.mu.Lock()
+	d.gate = g
+	d.mu.Unlock()
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			d.mu.Lock()
+			if d.gate == g {
+				d.gate = nil
+			}
+			d.mu.Unlock()
+			close(g)
+		})
+	}
 }
 
 // Close stops the listener and waits for it.
@@ -171,25 +231,37 @@ func (d *Dispatcher) Close() {
 	}
 }
 
+const (
+	minBackoff = 50 * time.Millisecond
+	maxBackoff = 5 * time.Second
+)
+
 func (d *Dispatcher) run() {
 	defer close(d.done)
-	backoff := 50 * time.Millisecond
+	backoff := minBackoff
 	down := false
 	for d.ctx.Err() == nil {
-		err := d.session()
+		d.mu.Lock()
+		gate := d.gate
+		d.mu.Unlock()
+		if gate != nil {
+			select {
+			case <-gate:
+			case <-d.ctx.Done():
+				return
+			}
+		}
+		ok, err := d.session()
 		if d.ctx.Err() != nil {
 			return
+		}
+		if ok {
+			backoff = minBackoff
+			down = false
 		}
 		if !down {
 			d.cfg.Logger.Warn("pglease: notification listener disconnected; reconnecting", "error", err)
 			down = true
-		}
-		d.mu.Lock()
-		ok := d.listening
-		d.listening = false
-		d.mu.Unlock()
-		if ok {
-			backoff = 50 * time.Millisecond
 		}
 		t := time.NewTimer(jitter(backoff))
 		select {
@@ -198,73 +270,101 @@ func (d *Dispatcher) run() {
 			return
 		case <-t.C:
 		}
-		if backoff < 5*time.Second {
-			backoff *= 2
-		}
-		if ok {
-			down = false
-		}
+		backoff = min(backoff*2, maxBackoff)
 	}
 }
 
-// session runs one LISTEN connection until it fails.
-func (d *Dispatcher) session() error {
+// session runs one LISTEN connection until it fails. ok reports whether it got
+// as far as listening.
+func (d *Dispatcher) session() (ok bool, err error) {
 	conn, err := d.cfg.Connect(d.ctx)
 	if err != nil {
-		return err
+		return false, err
 	}
 	defer conn.Close(context.Background())
+	defer func() {
+		d.mu.Lock()
+		d.listening = false
+		d.pid = 0
+		d.mu.Unlock()
+	}()
 	if _, err := conn.Exec(d.ctx, "LISTEN "+pgx.Identifier{d.cfg.Channel}.Sanitize()); err != nil {
-		return err
+		return false, err
 	}
 	// Self-test: our own NOTIFY must come back. Behind a transaction-pooling
 	// proxy it may not.
-	var nonce [8]byte
-	_, _ = rand.Read(nonce[:])
-	probe := "probe " + hex.EncodeToString(nonce[:])
-	if _, err := conn.Exec(d.ctx, "SELECT pg_notify($1, $2)", d.cfg.Channel, probe); err != nil {
-		return err
+	probe, err := d.probe(conn)
+	if err != nil {
+		return false, err
 	}
 	d.mu.Lock()
 	d.listening = true
 	d.conns++
+	d.pid = conn.PgConn().PID()
+	// Anything may have been missed while we were not listening. In the same
+	// critical section as listening = true, so that Listening() reporting
+	// true means this wake-up is done.
+	d.wakeAllLocked()
 	d.mu.Unlock()
-	d.WakeAll() // anything may have been missed while we were not listening
 
 	probeDeadline := time.Now().Add(d.cfg.ProbeTimeout)
-	probed := false
 	for {
-		ctx, cancel := d.ctx, context.CancelFunc(func() {})
-		if !probed {
-			ctx, cancel = context.WithDeadline(d.ctx, probeDeadline)
+		deadline := probeDeadline
+		if probe == "" {
+			deadline = time.Now().Add(d.cfg.ProbeInterval)
 		}
+		ctx, cancel := context.WithDeadline(d.ctx, deadline)
 		n, err := conn.WaitForNotification(ctx)
 		cancel()
 		if err != nil {
-			if probed || d.ctx.Err() != nil || conn.IsClosed() {
-				return err
+			if d.ctx.Err() != nil || conn.IsClosed() || !errors.Is(err, context.DeadlineExceeded) {
+				return true, err
 			}
-			// The probe did not come back in time; the connection itself is
-			// fine (a timed-out wait leaves it open).
-			probed = true
-			d.mu.Lock()
-			first := !d.degraded
-			d.degraded = true
-			d.mu.Unlock()
-			if first {
-				d.cfg.Logger.Warn("pglease: notifications do not arrive (a transaction-pooling proxy?); waiting falls back to polling",
-					"channel", d.cfg.Channel)
+			// Silence until the deadline; the connection itself is fine (a
+			// timed-out wait leaves it open).
+			if probe != "" {
+				d.probeLost()
+				probe = ""
+				continue
 			}
+			if probe, err = d.probe(conn); err != nil {
+				return true, err
+			}
+			probeDeadline = time.Now().Add(d.cfg.ProbeTimeout)
 			continue
 		}
 		if n.Payload == probe {
-			probed = true
+			probe = ""
 			d.mu.Lock()
 			d.degraded = false
 			d.mu.Unlock()
 			continue
 		}
 		d.handle(n.Payload)
+	}
+}
+
+// probe sends a NOTIFY to ourselves and returns its payload.
+func (d *Dispatcher) probe(conn *pgx.Conn) (string, error) {
+	var nonce [8]byte
+	_, _ = rand.Read(nonce[:])
+	p := "probe " + hex.EncodeToString(nonce[:])
+	ctx, cancel := context.WithTimeout(d.ctx, d.cfg.ProbeTimeout)
+	defer cancel()
+	_, err := conn.Exec(ctx, "SELECT pg_notify($1, $2)", d.cfg.Channel, p)
+	return p, err
+}
+
+// probeLost records that our own NOTIFY did not come back in time.
+func (d *Dispatcher) probeLost() {
+	d.mu.Lock()
+	d.degraded = true
+	first := !d.warned
+	d.warned = true
+	d.mu.Unlock()
+	if first {
+		d.cfg.Logger.Warn("pglease: notifications do not arrive (a transaction-pooling proxy?); waiting falls back to polling",
+			"channel", d.cfg.Channel)
 	}
 }
 
@@ -281,17 +381,18 @@ func (d *Dispatcher) handle(payload string) {
 		key   string
 		token int64
 	}
-	var all []gone
-	d.mu.Lock()
+	all := make([]gone, 0, len(rows))
 	for _, r := range rows {
 		var name, id string
 		var token int64
 		if json.Unmarshal(r[0], &name) != nil || json.Unmarshal(r[1], &id) != nil || json.Unmarshal(r[2], &token) != nil {
 			continue
 		}
-		k := name + "\x00" + id
-		d.wakeLocked(k)
-		all = append(all, gone{k, token})
+		all = append(all, gone{name + "\x00" + id, token})
+	}
+	d.mu.Lock()
+	for _, g := range all {
+		d.wakeLocked(g.key)
 	}
 	d.mu.Unlock()
 	if d.cfg.OnDelete != nil {
