@@ -29,6 +29,16 @@ var shared struct {
 // started on first use and stopped by Main.
 func Shared(tb testing.TB) *Cluster {
 	tb.Helper()
+	c, err := SharedCluster()
+	if err != nil {
+		tb.Fatalf("pgtest: %v", err)
+	}
+	return c
+}
+
+// SharedCluster is Shared for code without a testing.TB, such as Example
+// functions.
+func SharedCluster() (*Cluster, error) {
 	shared.once.Do(func() {
 		c, err := sharedCluster()
 		shared.mu.Lock()
@@ -37,10 +47,7 @@ func Shared(tb testing.TB) *Cluster {
 	})
 	shared.mu.Lock()
 	defer shared.mu.Unlock()
-	if shared.err != nil {
-		tb.Fatalf("pgtest: %v", shared.err)
-	}
-	return shared.c
+	return shared.c, shared.err
 }
 
 func sharedCluster() (*Cluster, error) {

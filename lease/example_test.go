@@ -1,0 +1,93 @@
+package lease_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/pglease/pglease/internal/pgtest"
+	"github.com/pglease/pglease/lease"
+	"github.com/pglease/pglease/migrations"
+)
+
+// exampleDB returns a pool and a fresh migrated schema on the test cluster.
+func exampleDB(ctx context.Context) (*pgxpool.Pool, string, func()) {
+	cl, err := pgtest.SharedCluster()
+	if err != nil {
+		panic(err)
+	}
+	pool, err := pgxpool.New(ctx, cl.URL())
+	if err != nil {
+		panic(err)
+	}
+	schema := pgtest.NewSchemaName()
+	if _, err := migrations.Up(ctx, pool, schema); err != nil {
+		panic(err)
+	}
+	return pool, schema, func() {
+		_, _ = pool.Exec(ctx, "DROP SCHEMA "+pgx.Identifier{schema}.Sanitize()+" CASCADE")
+		pool.Close()
+	}
+}
+
+// Two services want the same invoice; the second learns who has it.
+func ExampleClient_TryAcquire() {
+	ctx := context.Background()
+	pool, schema, done := exampleDB(ctx)
+	defer done()
+
+	billing, _ := lease.New(pool, &lease.Config{Schema: schema, Owner: lease.Owner{Application: "billing"}})
+	defer billing.Close(ctx)
+	mailer, _ := lease.New(pool, &lease.Config{Schema: schema, Owner: lease.Owner{Application: "mailer"}})
+	defer mailer.Close(ctx)
+
+	key := lease.Key{Name: "invoice", ID: "2024-0042"}
+	lock, err := billing.Acquire(ctx, key)
+	if err != nil {
+		panic(err)
+	}
+	_, err = mailer.TryAcquire(ctx, key)
+	var locked *lease.LockedError
+	if errors.As(err, &locked) {
+		fmt.Println("mailer: locked by", locked.Application)
+	}
+	_ = lock.Release(ctx)
+	if l, err := mailer.TryAcquire(ctx, key); err == nil {
+		fmt.Println("mailer: got it, token is larger:", l.Token() > lock.Token())
+		_ = l.Release(ctx)
+	}
+	// Output:
+	// mailer: locked by billing
+	// mailer: got it, token is larger: true
+}
+
+// Fence guards the write that the lock protects, inside your transaction.
+func ExampleLock_Fence() {
+	ctx := context.Background()
+	pool, schema, done := exampleDB(ctx)
+	defer done()
+	_, _ = pool.Exec(ctx, "CREATE TABLE "+pgx.Identifier{schema, "invoices"}.Sanitize()+" (id text PRIMARY KEY, state text)")
+	_, _ = pool.Exec(ctx, "INSERT INTO "+pgx.Identifier{schema, "invoices"}.Sanitize()+" VALUES ('42', 'draft')")
+
+	client, _ := lease.New(pool, &lease.Config{Schema: schema})
+	defer client.Close(ctx)
+	lock, err := client.Acquire(ctx, lease.Key{Name: "invoice", ID: "42"})
+	if err != nil {
+		panic(err)
+	}
+	defer lock.Release(ctx)
+
+	err = pgx.BeginFunc(lock.Context(), pool, func(tx pgx.Tx) error {
+		if err := lock.Fence(ctx, tx); err != nil {
+			return err // lost: the write must not happen
+		}
+		_, err := tx.Exec(ctx, "UPDATE "+pgx.Identifier{schema, "invoices"}.Sanitize()+" SET state = 'sent' WHERE id = '42'")
+		return err
+	})
+	fmt.Println("write:", err)
+	// Output:
+	// write: <nil>
+}
