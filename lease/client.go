@@ -179,7 +179,7 @@ func (c *Client) acquire(ctx context.Context, key Key, wait bool) (*Lock, error)
 			sub.Close()
 		}
 	}()
-	backoff := 2 * time.Millisecond
+	backoff := busyRetry
 	for {
 		c.mu.Lock()
 		free := ks.free
@@ -223,13 +223,17 @@ func (c *Client) acquire(ctx context.Context, key Key, wait bool) (*Lock, error)
 			return nil, res
 		}
 		delay := dispatch.Jitter(c.cfg.PollInterval)
-		if res.HolderID == 0 { // busy: someone is acquiring right now
+		if res.HolderID == 0 {
+			// Busy: someone is acquiring right now (or holds the key on the
+			// advisory path, or has its row locked). Its release will wake
+			// us; look again soon only in case its acquire fails, which
+			// announces nothing.
 			if backoff < delay {
 				delay = backoff
 			}
 			backoff = min(backoff*2, c.cfg.PollInterval)
 		} else {
-			backoff = 2 * time.Millisecond
+			backoff = busyRetry
 			if e := res.ExpiresIn + time.Millisecond; e > 0 && e < delay {
 				delay = e // wake when the holder's lease runs out
 			}
@@ -280,6 +284,12 @@ func (c *Client) lockedByUsLocked(key Key, ks *keyState) error {
 	}
 	return e
 }
+
+// busyRetry is how soon a waiter that found the key busy looks again when no
+// notification wakes it first. An acquire in flight takes about one WAL flush;
+// a shorter retry mostly finds it still in flight or holding the key, and with
+// holds of a few milliseconds it would poll alongside every notification.
+const busyRetry = 10 * time.Millisecond
 
 // errRetry: the attempt should be repeated at once (the holder was replaced).
 var errRetry = errors.New("lease: retry")

@@ -1,0 +1,767 @@
+package lease_test
+
+// Benchmarks of acquire, wait and release, each next to a raw baseline
+// measured in the same run against the same durable (fsync on) server. Every
+// top-level benchmark starts a cluster of its own. Figures are reported as
+// custom metrics; internal/benchtable turns the output into one table (see
+// BENCHMARKS.md for the commands and the results).
+//
+// Where a pglease figure and its baseline can be measured op by op, they are
+// interleaved (one of each per iteration), so that a neighbour's load on a
+// shared machine hits both alike. Where they cannot (many clients at once),
+// the baseline runs half before and half after the pglease phase.
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/pglease/pglease/internal/pgtest"
+	"github.com/pglease/pglease/lease"
+)
+
+// stmtCounter is a pgx tracer that counts the statements a pool sends (and
+// those of the client's LISTEN connection, which copies the pool's
+// configuration), and times the heartbeat's.
+type stmtCounter struct {
+	all, renew atomic.Int64
+	renewTime  atomic.Int64 // ns spent in renew statements
+}
+
+type renewStartKey struct{}
+
+func (s *stmtCounter) TraceQueryStart(ctx context.Context, _ *pgx.Conn, d pgx.TraceQueryStartData) context.Context {
+	s.all.Add(1)
+	if strings.Contains(d.SQL, ".renew(") {
+		s.renew.Add(1)
+		return context.WithValue(ctx, renewStartKey{}, time.Now())
+	}
+	return ctx
+}
+
+func (s *stmtCounter) TraceQueryEnd(ctx context.Context, _ *pgx.Conn, _ pgx.TraceQueryEndData) {
+	if t, ok := ctx.Value(renewStartKey{}).(time.Time); ok {
+		s.renewTime.Add(int64(time.Since(t)))
+	}
+}
+
+// bench is one benchmark's durable cluster and migrated schema.
+type bench struct {
+	b   *testing.B
+	cl  *pgtest.Cluster
+	db  *pgtest.DB
+	ctx context.Context
+	n   int
+}
+
+func newBench(b *testing.B) *bench {
+	b.Helper()
+	cl := pgtest.Owned(b, pgtest.Options{})
+	return newBenchOn(b, cl)
+}
+
+func newBenchOn(b *testing.B, cl *pgtest.Cluster) *bench {
+	b.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
+	b.Cleanup(cancel)
+	return &bench{b: b, cl: cl, db: pgtest.NewDBOn(b, cl), ctx: ctx}
+}
+
+func (e *bench) table(name string) string { return pgx.Identifier{e.db.Schema, name}.Sanitize() }
+
+func (e *bench) exec(sql string, args ...any) {
+	e.b.Helper()
+	if _, err := e.db.Pool.Exec(e.ctx, sql, args...); err != nil {
+		e.b.Fatalf("exec %q: %v", sql, err)
+	}
+}
+
+// pool returns a pool of its own (maxConns connections at most), closed when
+// the benchmark ends; tracer may be nil.
+func (e *bench) pool(maxConns int32, tracer pgx.QueryTracer) *pgxpool.Pool {
+	e.b.Helper()
+	e.n++
+	return pgtest.NewPool(e.b, e.cl, fmt.Sprintf("bench-%s-%d", e.db.Schema, e.n), func(c *pgxpool.Config) {
+		c.MaxConns = maxConns
+		c.ConnConfig.Tracer = tracer
+	})
+}
+
+// client returns a Client with a pool of its own, closed when the benchmark
+// ends.
+func (e *bench) client(cfg lease.Config, maxConns int32, tracer pgx.QueryTracer) *lease.Client {
+	e.b.Helper()
+	cfg.Schema = e.db.Schema
+	c, err := lease.New(e.pool(maxConns, tracer), &cfg)
+	if err != nil {
+		e.b.Fatal(err)
+	}
+	e.b.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		_ = c.Close(ctx)
+	})
+	return c
+}
+
+// rawTable creates a table shaped like locks, for the raw INSERT+DELETE pair.
+func (e *bench) rawTable() string {
+	t := e.table("raw_pair")
+	e.exec(`CREATE TABLE ` + t + ` (name text NOT NULL, entity_id text NOT NULL, token bigint NOT NULL,
+		holder_id bigint NOT NULL, acquired_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+		PRIMARY KEY (name, entity_id))`)
+	return t
+}
+
+// rawPair runs a durable INSERT and a durable DELETE of one row, each its own
+// autocommit statement: what a lock row costs without pglease.
+func rawPair(ctx context.Context, q *pgxpool.Pool, table, id string, token int64) error {
+	if _, err := q.Exec(ctx, "INSERT INTO "+table+" (name, entity_id, token, holder_id) VALUES ('raw', $1, $2, 1)", id, token); err != nil {
+		return err
+	}
+	_, err := q.Exec(ctx, "DELETE FROM "+table+" WHERE name = 'raw' AND entity_id = $1", id)
+	return err
+}
+
+func us(d time.Duration, n int) float64 { return float64(d) / float64(n) / 1e3 }
+
+// BenchmarkUncontended: Acquire+Release of a free key by one client, against
+// a raw durable INSERT+DELETE pair and an advisory lock+unlock pair,
+// interleaved.
+//
+//	go test -run '^$' -bench Uncontended -benchtime 3000x ./lease/
+func BenchmarkUncontended(b *testing.B) {
+	e := newBench(b)
+	raw := e.rawTable()
+	rawPool := e.pool(1, nil)
+	advConn, err := e.pool(1, nil).Acquire(e.ctx)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer advConn.Release()
+	c := e.client(lease.Config{}, 4, nil)
+	k := lease.Key{Name: "bench", ID: "1"}
+	pair := func() {
+		l, err := c.Acquire(e.ctx, k)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := l.Release(e.ctx); err != nil {
+			b.Fatal(err)
+		}
+	}
+	adv := func() {
+		if _, err := advConn.Exec(e.ctx, "SELECT pg_advisory_lock(42)"); err != nil {
+			b.Fatal(err)
+		}
+		if _, err := advConn.Exec(e.ctx, "SELECT pg_advisory_unlock(42)"); err != nil {
+			b.Fatal(err)
+		}
+	}
+	rawOnce := func(i int) {
+		if err := rawPair(e.ctx, rawPool, raw, "1", int64(i)); err != nil {
+			b.Fatal(err)
+		}
+	}
+	for i := range 50 { // register the holder, warm pools and caches
+		pair()
+		adv()
+		rawOnce(i)
+	}
+	var tLease, tRaw, tAdv time.Duration
+	b.ResetTimer()
+	for i := range b.N {
+		// Rotate the order so that none of them always follows another.
+		for j := range 3 {
+			start := time.Now()
+			switch (i + j) % 3 {
+			case 0:
+				pair()
+				tLease += time.Since(start)
+			case 1:
+				rawOnce(i)
+				tRaw += time.Since(start)
+			case 2:
+				adv()
+				tAdv += time.Since(start)
+			}
+		}
+	}
+	b.StopTimer()
+	b.ReportMetric(float64(tLease)/float64(b.N), "ns/op")
+	b.ReportMetric(us(tLease, b.N), "lease_us")
+	b.ReportMetric(us(tRaw, b.N), "raw_us")
+	b.ReportMetric(us(tAdv, b.N), "adv_us")
+	b.ReportMetric(float64(tLease)/float64(tRaw), "x_raw")
+}
+
+// BenchmarkTryAcquireHeld: TryAcquire of a key another client holds, against
+// SELECT 1 on a pool of the same kind, interleaved.
+//
+//	go test -run '^$' -bench TryAcquireHeld -benchtime 5000x ./lease/
+func BenchmarkTryAcquireHeld(b *testing.B) {
+	e := newBench(b)
+	holder := e.client(lease.Config{}, 2, nil)
+	k := lease.Key{Name: "bench", ID: "held"}
+	l, err := holder.Acquire(e.ctx, k)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer func() { _ = l.Release(e.ctx) }()
+	c := e.client(lease.Config{}, 4, nil)
+	selPool := e.pool(4, nil)
+	try := func() {
+		if _, err := c.TryAcquire(e.ctx, k); !errors.Is(err, lease.ErrLocked) {
+			b.Fatalf("TryAcquire of a held key: %v", err)
+		}
+	}
+	sel := func() {
+		if _, err := selPool.Exec(e.ctx, "SELECT 1"); err != nil {
+			b.Fatal(err)
+		}
+	}
+	for range 50 {
+		try()
+		sel()
+	}
+	var tTry, tSel time.Duration
+	b.ResetTimer()
+	for i := range b.N {
+		for j := range 2 {
+			start := time.Now()
+			if (i+j)%2 == 0 {
+				try()
+				tTry += time.Since(start)
+			} else {
+				sel()
+				tSel += time.Since(start)
+			}
+		}
+	}
+	b.StopTimer()
+	b.ReportMetric(float64(tTry)/float64(b.N), "ns/op")
+	b.ReportMetric(us(tTry, b.N), "try_us")
+	b.ReportMetric(us(tSel, b.N), "select1_us")
+	b.ReportMetric(float64(tTry)/float64(tSel), "x_select1")
+}
+
+// handoffs records a run of acquisitions of one key by several clients.
+type handoffs struct {
+	mu          sync.Mutex
+	n           int       // acquisitions so far
+	limit       int       // stop after this many
+	lastRelease time.Time // start of the last Release
+	lastHolder  int       // client of the last acquisition
+	lat         []float64 // release start → next acquisition, ms
+	self        int       // acquisitions by the client that released last
+	perClient   []int     // acquisitions per client
+	start, end  time.Time
+}
+
+func newHandoffs(clients, limit int) *handoffs {
+	return &handoffs{limit: limit, lastHolder: -1, perClient: make([]int, clients)}
+}
+
+// acquired records an acquisition by client i and says whether the run goes
+// on (false: release and stop).
+func (h *handoffs) acquired(i int) bool {
+	now := time.Now()
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.n >= h.limit {
+		return false
+	}
+	if h.n == 0 {
+		h.start = now
+	}
+	h.n++
+	h.perClient[i]++
+	if !h.lastRelease.IsZero() {
+		h.lat = append(h.lat, float64(now.Sub(h.lastRelease))/1e6)
+		if h.lastHolder == i {
+			h.self++
+		}
+	}
+	h.lastHolder = i
+	if h.n == h.limit {
+		h.end = now
+	}
+	return true
+}
+
+func (h *handoffs) releasing() {
+	h.mu.Lock()
+	h.lastRelease = time.Now()
+	h.mu.Unlock()
+}
+
+func (h *handoffs) done() bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.n >= h.limit
+}
+
+type handoffStats struct {
+	perSec, p50, p99, minShare, maxShare, self float64
+	elapsed                                    time.Duration
+}
+
+func (h *handoffs) stats() handoffStats {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	var s handoffStats
+	if h.n < 2 {
+		return s
+	}
+	s.elapsed = h.end.Sub(h.start)
+	s.perSec = float64(h.n-1) / s.elapsed.Seconds()
+	lat := slices.Clone(h.lat)
+	slices.Sort(lat)
+	s.p50 = percentile(lat, 0.50)
+	s.p99 = percentile(lat, 0.99)
+	s.self = float64(h.self) / float64(len(h.lat))
+	mean := float64(h.n) / float64(len(h.perClient))
+	s.minShare, s.maxShare = math.Inf(1), 0
+	for _, c := range h.perClient {
+		s.minShare = min(s.minShare, float64(c)/mean)
+		s.maxShare = max(s.maxShare, float64(c)/mean)
+	}
+	return s
+}
+
+func percentile(sorted []float64, p float64) float64 {
+	if len(sorted) == 0 {
+		return 0
+	}
+	i := int(math.Ceil(p*float64(len(sorted)))) - 1
+	return sorted[max(i, 0)]
+}
+
+// oneKeyPglease runs clients that each take the key, hold it, release it and
+// start over, until limit acquisitions. It returns the stats and the acquire
+// statements the waiters sent (every attempt that did not acquire).
+func oneKeyPglease(e *bench, clients []*lease.Client, hold time.Duration, limit int) (handoffStats, int64) {
+	k := lease.Key{Name: "bench", ID: "one"}
+	h := newHandoffs(len(clients), limit)
+	var before int64
+	for _, c := range clients {
+		before += lease.Attempts(c)
+	}
+	ctx, cancel := context.WithCancel(e.ctx)
+	defer cancel()
+	var got atomic.Int64 // successful acquisitions, within the limit or not
+	var wg sync.WaitGroup
+	for i, c := range clients {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				l, err := c.Acquire(ctx, k)
+				if err != nil {
+					if ctx.Err() == nil {
+						e.b.Errorf("acquire: %v", err)
+					}
+					return
+				}
+				got.Add(1)
+				more := h.acquired(i)
+				if more && hold > 0 {
+					time.Sleep(hold)
+				}
+				h.releasing()
+				if err := l.Release(e.ctx); err != nil {
+					e.b.Errorf("release: %v", err)
+					return
+				}
+				if !more || h.done() {
+					cancel() // the others are waiting: stop them
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	var after int64
+	for _, c := range clients {
+		after += lease.Attempts(c)
+	}
+	// What the clients sent, less the attempts that acquired: the waiters'
+	// statements (including the last ones, cut short by the end of the run).
+	return h.stats(), after - before - got.Load()
+}
+
+// oneKeyAdvisory is the baseline: connections that block in
+// pg_advisory_lock, hold, and unlock, until limit acquisitions.
+func oneKeyAdvisory(e *bench, conns []*pgx.Conn, hold time.Duration, limit int) handoffStats {
+	h := newHandoffs(len(conns), limit)
+	var wg sync.WaitGroup
+	for i, conn := range conns {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				if _, err := conn.Exec(e.ctx, "SELECT pg_advisory_lock(7)"); err != nil {
+					e.b.Errorf("advisory lock: %v", err)
+					return
+				}
+				more := h.acquired(i)
+				if more && hold > 0 {
+					time.Sleep(hold)
+				}
+				h.releasing()
+				if _, err := conn.Exec(e.ctx, "SELECT pg_advisory_unlock(7)"); err != nil {
+					e.b.Errorf("advisory unlock: %v", err)
+					return
+				}
+				if !more {
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	return h.stats()
+}
+
+// BenchmarkOneKey8Clients: eight clients, each with its own pool, take turns
+// on one key, holding it 0 or 2 ms. b.N is the number of pglease
+// acquisitions; a blocking advisory lock on eight connections runs b.N/2
+// acquisitions before and after as the baseline.
+//
+//	go test -run '^$' -bench OneKey8Clients -benchtime 6000x ./lease/
+func BenchmarkOneKey8Clients(b *testing.B) {
+	cl := pgtest.Owned(b, pgtest.Options{})
+	for _, hold := range []time.Duration{0, 2 * time.Millisecond} {
+		b.Run("hold="+hold.String(), func(b *testing.B) {
+			e := newBenchOn(b, cl)
+			const n = 8
+			clients := make([]*lease.Client, n)
+			conns := make([]*pgx.Conn, n)
+			for i := range clients {
+				clients[i] = e.client(lease.Config{}, 2, nil)
+				conn, err := pgx.Connect(e.ctx, cl.URL())
+				if err != nil {
+					b.Fatal(err)
+				}
+				defer conn.Close(context.Background())
+				conns[i] = conn
+			}
+			// Warm up: register holders, start listeners, fill pools.
+			oneKeyPglease(e, clients, hold, 200)
+			oneKeyAdvisory(e, conns, hold, 200)
+
+			b.ResetTimer()
+			adv1 := oneKeyAdvisory(e, conns, hold, max(b.N/2, 2))
+			s, waiterQueries := oneKeyPglease(e, clients, hold, max(b.N, 2))
+			adv2 := oneKeyAdvisory(e, conns, hold, max(b.N/2, 2))
+			b.StopTimer()
+			adv := handoffStats{
+				perSec:   (adv1.perSec + adv2.perSec) / 2,
+				p50:      (adv1.p50 + adv2.p50) / 2,
+				p99:      (adv1.p99 + adv2.p99) / 2,
+				minShare: min(adv1.minShare, adv2.minShare),
+			}
+			if s.elapsed > 0 {
+				b.ReportMetric(float64(s.elapsed)/float64(b.N), "ns/op")
+			}
+			b.ReportMetric(s.perSec, "handoffs/s")
+			b.ReportMetric(s.p50, "p50_ms")
+			b.ReportMetric(s.p99, "p99_ms")
+			b.ReportMetric(s.minShare, "min_share")
+			b.ReportMetric(s.maxShare, "max_share")
+			b.ReportMetric(s.self, "same_client")
+			if s.elapsed > 0 {
+				b.ReportMetric(float64(waiterQueries)/s.elapsed.Seconds(), "waiter_q/s")
+				b.ReportMetric(float64(waiterQueries)/float64(b.N), "waiter_q/handoff")
+			}
+			b.ReportMetric(adv.perSec, "adv_handoffs/s")
+			b.ReportMetric(adv.p50, "adv_p50_ms")
+			b.ReportMetric(adv.p99, "adv_p99_ms")
+			b.ReportMetric(adv.minShare, "adv_min_share")
+		})
+	}
+}
+
+// BenchmarkWaitingCost: one client holds a key for a second at a time while
+// seven others wait (PollInterval 250ms). It counts the acquire statements
+// the waiters send while the key is held, from 100 ms after each acquisition
+// (past the wake-up that follows a release) to the next release, per waiter
+// and per fallback interval. b.N is the number of holds.
+//
+//	go test -run '^$' -bench WaitingCost -benchtime 8x ./lease/
+func BenchmarkWaitingCost(b *testing.B) {
+	e := newBench(b)
+	const (
+		n    = 8
+		poll = 250 * time.Millisecond
+		hold = time.Second
+		skip = 100 * time.Millisecond
+	)
+	clients := make([]*lease.Client, n)
+	for i := range clients {
+		clients[i] = e.client(lease.Config{PollInterval: poll}, 2, nil)
+	}
+	attempts := func() int64 {
+		var s int64
+		for _, c := range clients {
+			s += lease.Attempts(c)
+		}
+		return s
+	}
+	k := lease.Key{Name: "bench", ID: "wait"}
+	var (
+		mu        sync.Mutex
+		count     int
+		inWindows int64
+		windows   time.Duration
+	)
+	ctx, cancel := context.WithCancel(e.ctx)
+	defer cancel()
+	b.ResetTimer()
+	var wg sync.WaitGroup
+	for _, c := range clients {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				l, err := c.Acquire(ctx, k)
+				if err != nil {
+					return
+				}
+				mu.Lock()
+				stop := count >= b.N
+				count++
+				mu.Unlock()
+				if !stop {
+					time.Sleep(skip)
+					a0, t0 := attempts(), time.Now()
+					time.Sleep(hold - skip)
+					a1, t1 := attempts(), time.Now()
+					mu.Lock()
+					inWindows += a1 - a0
+					windows += t1.Sub(t0)
+					mu.Unlock()
+				}
+				if err := l.Release(e.ctx); err != nil {
+					b.Error(err)
+				}
+				if stop {
+					cancel()
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	b.StopTimer()
+	perWaiterPerPoll := float64(inWindows) / (float64(n-1) * windows.Seconds() / poll.Seconds())
+	b.ReportMetric(perWaiterPerPoll, "q/waiter/poll")
+	b.ReportMetric(float64(inWindows)/windows.Seconds(), "waiter_q/s")
+}
+
+// BenchmarkDistinctKeys8Clients: eight clients, each on a key of its own,
+// acquire and release as fast as they can: b.N acquisitions in all. The
+// baseline is eight connections doing raw durable INSERT+DELETE pairs, b.N/2
+// pairs before and after.
+//
+//	go test -run '^$' -bench DistinctKeys8Clients -benchtime 8000x ./lease/
+func BenchmarkDistinctKeys8Clients(b *testing.B) {
+	e := newBench(b)
+	raw := e.rawTable()
+	const n = 8
+	clients := make([]*lease.Client, n)
+	pools := make([]*pgxpool.Pool, n)
+	for i := range clients {
+		clients[i] = e.client(lease.Config{}, 2, nil)
+		pools[i] = e.pool(1, nil)
+	}
+	run := func(total int, op func(i, j int) error) float64 {
+		var next atomic.Int64
+		var wg sync.WaitGroup
+		start := time.Now()
+		for i := range n {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for j := 0; next.Add(1) <= int64(total); j++ {
+					if err := op(i, j); err != nil {
+						b.Error(err)
+						return
+					}
+				}
+			}()
+		}
+		wg.Wait()
+		return float64(total) / time.Since(start).Seconds()
+	}
+	leaseOp := func(i, _ int) error {
+		l, err := clients[i].Acquire(e.ctx, lease.Key{Name: "bench", ID: strconv.Itoa(i)})
+		if err != nil {
+			return err
+		}
+		return l.Release(e.ctx)
+	}
+	rawOp := func(i, j int) error { return rawPair(e.ctx, pools[i], raw, strconv.Itoa(i), int64(j)) }
+	run(400, leaseOp) // warm up
+	run(400, rawOp)
+	b.ResetTimer()
+	raw1 := run(max(b.N/2, 1), rawOp)
+	start := time.Now()
+	acq := run(b.N, leaseOp)
+	elapsed := time.Since(start)
+	raw2 := run(max(b.N/2, 1), rawOp)
+	b.StopTimer()
+	rawRate := (raw1 + raw2) / 2
+	b.ReportMetric(float64(elapsed)/float64(b.N), "ns/op")
+	b.ReportMetric(acq, "acq/s")
+	b.ReportMetric(rawRate, "raw_pairs/s")
+	b.ReportMetric(acq/rawRate, "x_raw")
+}
+
+// BenchmarkMillionRows: uncontended Acquire+Release in a schema whose locks
+// table holds 1,000,000 rows of a live holder, against the same in an empty
+// schema on the same server, interleaved. Building the table takes a while
+// and is not timed.
+//
+//	go test -run '^$' -bench MillionRows -benchtime 3000x ./lease/
+func BenchmarkMillionRows(b *testing.B) {
+	cl := pgtest.Owned(b, pgtest.Options{})
+	full, empty := newBenchOn(b, cl), newBenchOn(b, cl)
+	full.exec(`WITH h AS (
+			INSERT INTO ` + full.table("holders") + ` (host, pid, application, ttl, expires_at)
+			VALUES ('filler', 1, 'bench', interval '1 day', clock_timestamp() + interval '1 day') RETURNING id)
+		INSERT INTO ` + full.table("locks") + ` (name, entity_id, token, holder_id)
+		SELECT 'filler', g::text, nextval(` + quoteLiteral(full.db.Schema+".token_seq") + `), h.id
+		FROM h, generate_series(1, 1000000) g`)
+	full.exec("VACUUM ANALYZE " + full.table("locks") + ", " + full.table("holders"))
+	empty.exec("VACUUM ANALYZE " + empty.table("locks") + ", " + empty.table("holders"))
+	var rows int
+	if err := full.db.Pool.QueryRow(full.ctx, "SELECT count(*) FROM "+full.table("locks")).Scan(&rows); err != nil || rows != 1000000 {
+		b.Fatalf("%d filler rows: %v", rows, err)
+	}
+	cFull := full.client(lease.Config{}, 4, nil)
+	cEmpty := empty.client(lease.Config{}, 4, nil)
+	k := lease.Key{Name: "bench", ID: "1"}
+	pair := func(c *lease.Client) {
+		l, err := c.Acquire(full.ctx, k)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := l.Release(full.ctx); err != nil {
+			b.Fatal(err)
+		}
+	}
+	for range 50 {
+		pair(cFull)
+		pair(cEmpty)
+	}
+	var tFull, tEmpty time.Duration
+	b.ResetTimer()
+	for i := range b.N {
+		for j := range 2 {
+			start := time.Now()
+			if (i+j)%2 == 0 {
+				pair(cFull)
+				tFull += time.Since(start)
+			} else {
+				pair(cEmpty)
+				tEmpty += time.Since(start)
+			}
+		}
+	}
+	b.StopTimer()
+	b.ReportMetric(float64(tFull)/float64(b.N), "ns/op")
+	b.ReportMetric(us(tFull, b.N), "full_us")
+	b.ReportMetric(us(tEmpty, b.N), "empty_us")
+	b.ReportMetric(float64(tFull)/float64(tEmpty), "x_empty")
+}
+
+func quoteLiteral(s string) string { return "'" + strings.ReplaceAll(s, "'", "''") + "'" }
+
+// BenchmarkHold10000: one client acquires 10,000 locks and holds them. It
+// reports the Go heap they take (live heap after a GC, before and after, per
+// lock) and, over b.N heartbeat intervals of 250 ms, the statements the client
+// sends per heartbeat and how long a renewal takes.
+//
+//	go test -run '^$' -bench Hold10000 -benchtime 20x ./lease/
+func BenchmarkHold10000(b *testing.B) {
+	e := newBench(b)
+	const (
+		locks    = 10000
+		interval = 250 * time.Millisecond
+	)
+	tr := &stmtCounter{}
+	c := e.client(lease.Config{TTL: 3 * time.Second, HeartbeatInterval: interval}, 8, tr)
+	l, err := c.Acquire(e.ctx, lease.Key{Name: "warm", ID: "1"})
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := l.Release(e.ctx); err != nil {
+		b.Fatal(err)
+	}
+	held := make([]*lease.Lock, locks)
+	heapBefore := liveHeap()
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	for range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := next.Add(1) - 1; i < locks; i = next.Add(1) - 1 {
+				l, err := c.Acquire(e.ctx, lease.Key{Name: "held", ID: strconv.FormatInt(i, 10)})
+				if err != nil {
+					b.Error(err)
+					return
+				}
+				held[i] = l
+			}
+		}()
+	}
+	wg.Wait()
+	if b.Failed() {
+		b.FailNow()
+	}
+	heapAfter := liveHeap()
+	perLock := float64(heapAfter-heapBefore) / locks
+
+	tr.all.Store(0)
+	tr.renew.Store(0)
+	tr.renewTime.Store(0)
+	b.ResetTimer()
+	time.Sleep(time.Duration(b.N) * interval)
+	b.StopTimer()
+	all, renews := tr.all.Load(), tr.renew.Load()
+	for _, l := range held {
+		if err := l.Err(); err != nil {
+			b.Fatalf("lock %s lost while held: %v", l.Key(), err)
+		}
+	}
+	b.ReportMetric(perLock, "heap_B/lock")
+	if renews > 0 {
+		b.ReportMetric(float64(all)/float64(renews), "stmts/heartbeat")
+		b.ReportMetric(float64(tr.renewTime.Load())/float64(renews)/1e6, "renew_ms")
+	}
+	b.ReportMetric(float64(renews)/float64(b.N), "heartbeats/interval")
+	runtime.KeepAlive(held)
+}
+
+// liveHeap returns the bytes of live Go heap after a full collection.
+func liveHeap() uint64 {
+	var m runtime.MemStats
+	runtime.GC()
+	runtime.GC()
+	runtime.ReadMemStats(&m)
+	return m.HeapAlloc
+}
