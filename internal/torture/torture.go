@@ -1,0 +1,138 @@
+// Package torture holds what the torture suite (this package's tests) and its
+// helper binary (./holder) share: the clock every process reads, and the
+// events a holder process reports on its standard output.
+//
+// The suite runs real OS processes that contend for locks on a throwaway
+// PostgreSQL cluster while it injects faults (SIGKILL, SIGSTOP, terminated
+// backends, server restarts and pauses, network faults through a proxy,
+// reapers), and checks every run against two oracles:
+//
+//   - A, the fenced counter: every critical section reads a counter, waits,
+//     and writes counter+1 in a transaction that calls fence, logging the
+//     write in the same transaction. At the end the counter of each key equals
+//     the number of logged writes, every section that reported success is
+//     logged, none that was rejected is, and the fencing tokens of the writes
+//     never decrease in the order they were made.
+//   - B, intervals: each holder reports when it believed it held a lock, on a
+//     clock all processes share (CLOCK_MONOTONIC). No two intervals of one key
+//     overlap, except where one belongs to a process that was paused by the
+//     suite (it cannot know); there oracle A must still hold, and the paused
+//     process's late fenced write must have been rejected.
+//
+// Run the short mode with plain go test; the long mode with
+//
+//	go test ./internal/torture/ -run Torture -torture.long -timeout 60m -v
+//
+// or PGLEASE_TORTURE=long in the environment.
+package torture
+
+import (
+	"encoding/json"
+	"io"
+	"sync"
+
+	"golang.org/x/sys/unix"
+)
+
+// Now reads CLOCK_MONOTONIC in nanoseconds. Unlike Go's monotonic clock
+// readings, which only compare within one process, this clock is the same for
+// every process on the machine, so intervals reported by different holder
+// processes and fault times recorded by the suite can be compared.
+func Now() int64 {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
+		panic(err) // CLOCK_MONOTONIC exists on every Linux
+	}
+	return ts.Nano()
+}
+
+// Event kinds, in the order a holder usually reports them.
+const (
+	// EvHello: the process started; PID is set.
+	EvHello = "hello"
+	// EvAcquiring: the process calls Acquire (T: just before).
+	EvAcquiring = "acquiring"
+	// EvAcquired: Acquire returned a lock. T is read after it returned.
+	EvAcquired = "acquired"
+	// EvAcquireError: Acquire failed (Err). Not a violation by itself.
+	EvAcquireError = "acquire_error"
+	// EvRead: a section read the counter (N) and is about to wait before its
+	// fenced write. The suite pauses victims on this event.
+	EvRead = "read"
+	// EvSection: a section ended with Outcome.
+	EvSection = "section"
+	// EvLost: the lock's Done closed without a Release. T is when the holder
+	// saw it.
+	EvLost = "lost"
+	// EvEnd: the holder stopped believing it holds the lock: just before it
+	// calls Release, or when it saw Done close, whichever came first (T).
+	EvEnd = "end"
+	// EvReleased: Release returned; Release says what.
+	EvReleased = "released"
+	// EvBye: the process is about to exit after a graceful stop. Leak
+	// describes goroutines or connections it failed to clean up.
+	EvBye = "bye"
+)
+
+// Section outcomes.
+const (
+	// OutcomeOK: the write committed.
+	OutcomeOK = "ok"
+	// OutcomeFenced: the SQL function fence refused the token (SQLSTATE
+	// 55L01): the database rejected a stale write.
+	OutcomeFenced = "fenced"
+	// OutcomeLost: Lock.Fence refused locally, the lock being known lost.
+	OutcomeLost = "lost"
+	// OutcomeFailed: an error before COMMIT was sent: nothing was written.
+	OutcomeFailed = "failed"
+	// OutcomeUnknown: COMMIT was sent and failed: the log table tells.
+	OutcomeUnknown = "unknown"
+)
+
+// Release results in EvEnd.
+const (
+	ReleaseOK    = "ok"    // the row was deleted
+	ReleaseLost  = "lost"  // ErrLost: lost before, nothing of anyone else's deleted
+	ReleaseError = "error" // any other error
+)
+
+// Event is one line of a holder's output, JSON-encoded.
+type Event struct {
+	Ev      string `json:"ev"`
+	Proc    string `json:"proc,omitempty"`
+	PID     int    `json:"pid,omitempty"`
+	Key     string `json:"key,omitempty"`
+	Token   int64  `json:"tok,omitempty"`
+	T       int64  `json:"t,omitempty"`
+	At      int64  `json:"at,omitempty"` // Lock.AcquiredAt, Unix microseconds (database clock)
+	Section string `json:"sec,omitempty"`
+	N       int64  `json:"n,omitempty"`
+	Outcome string `json:"out,omitempty"`
+	Raw     bool   `json:"raw,omitempty"` // the section fenced with the SQL function, not Lock.Fence
+	Release string `json:"rel,omitempty"`
+	Err     string `json:"err,omitempty"`
+	Leak    string `json:"leak,omitempty"`
+}
+
+// Writer writes events as JSON lines, one write per line, so that a line is
+// either in the pipe whole or not at all when the process is killed.
+type Writer struct {
+	mu sync.Mutex
+	w  io.Writer
+}
+
+// NewWriter returns a Writer on w.
+func NewWriter(w io.Writer) *Writer { return &Writer{w: w} }
+
+// Emit writes e. A failed write (the suite went away) is ignored: the process
+// is stopped soon anyway.
+func (w *Writer) Emit(e Event) {
+	b, err := json.Marshal(e)
+	if err != nil {
+		panic(err)
+	}
+	b = append(b, '\n')
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	_, _ = w.w.Write(b)
+}
