@@ -106,12 +106,19 @@ func TestCheckHandoff(t *testing.T) {
 	waiting := []*wait{{proc: "p1", key: "k0", from: 100 * ms}}
 	next := &interval{proc: "p1", key: "k0", token: 2, start: 1600 * ms, end: 1700 * ms}
 
-	expect(t, checkHandoff(kills, []*interval{held, next}, waiting, ttl, bound, 10_000*ms), "")
-	expect(t, checkHandoff(kills, []*interval{held}, waiting, ttl, bound, 10_000*ms), "not taken within 2s although p1 was waiting")
+	v, n, slowest := checkHandoff(kills, []*interval{held, next}, waiting, ttl, bound, 10_000*ms)
+	expect(t, v, "")
+	if n != 1 || slowest != 1100*time.Millisecond {
+		t.Fatalf("handoffs %d, slowest %s; want 1, 1.1s", n, slowest)
+	}
+	v, _, _ = checkHandoff(kills, []*interval{held}, waiting, ttl, bound, 10_000*ms)
+	expect(t, v, "not taken within 2s although p1 was waiting")
 	// Nobody waited: nothing to hand over.
-	expect(t, checkHandoff(kills, []*interval{held}, nil, ttl, bound, 10_000*ms), "")
+	v, _, _ = checkHandoff(kills, []*interval{held}, nil, ttl, bound, 10_000*ms)
+	expect(t, v, "")
 	// The run ended too soon after the kill to judge.
-	expect(t, checkHandoff(kills, []*interval{held}, waiting, ttl, bound, 2000*ms), "")
+	v, _, _ = checkHandoff(kills, []*interval{held}, waiting, ttl, bound, 2000*ms)
+	expect(t, v, "")
 }
 
 func TestLateWrites(t *testing.T) {

@@ -158,24 +158,26 @@ func checkIntervals(ivs []*interval, pauses []pauseRec) (v []string, excused []o
 // holder's lease has run out: a process that waited for the key through the
 // whole of [kill + ttl, kill + bound] without anyone acquiring it meanwhile is
 // a violation. end is when the run stopped; later kills are not judged.
-func checkHandoff(kills []killRec, ivs []*interval, waits []*wait, ttl, bound time.Duration, end int64) []string {
-	var v []string
+func checkHandoff(kills []killRec, ivs []*interval, waits []*wait, ttl, bound time.Duration, end int64) (v []string, handoffs int, slowest time.Duration) {
 	for _, k := range kills {
-		if k.iv == nil || k.t+int64(bound) > end {
+		if k.iv == nil {
 			continue
 		}
 		key := k.iv.key
-		from, to := k.t+int64(ttl), k.t+int64(bound)
-		taken := false
+		next := int64(0)
 		for _, iv := range ivs {
-			if iv.key == key && iv.start > k.t && iv.start <= to {
-				taken = true
-				break
+			if iv.key == key && iv.start > k.t && (next == 0 || iv.start < next) {
+				next = iv.start
 			}
 		}
-		if taken {
+		if next != 0 {
+			handoffs++
+			slowest = max(slowest, time.Duration(next-k.t))
+		}
+		if k.t+int64(bound) > end || (next != 0 && next <= k.t+int64(bound)) {
 			continue
 		}
+		from, to := k.t+int64(ttl), k.t+int64(bound)
 		for _, w := range waits {
 			if w.key == key && w.proc != k.proc && w.from <= from && (w.to == 0 || w.to > to) {
 				v = append(v, fmt.Sprintf("handoff: %s of killed %s (token %d) not taken within %s although %s was waiting for it",
@@ -184,7 +186,7 @@ func checkHandoff(kills []killRec, ivs []*interval, waits []*wait, ttl, bound ti
 			}
 		}
 	}
-	return v
+	return v, handoffs, slowest
 }
 
 // checkFenceOrder: a write fenced with token T never lands after a later

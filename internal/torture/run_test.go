@@ -40,6 +40,8 @@ type params struct {
 	// reapBound, when set, is how long after its holder's expiry a dead lock
 	// row or holder row may still exist (reapers are running).
 	reapBound time.Duration
+	// sabotage: extra holder flags that break it on purpose.
+	sabotage []string
 }
 
 // grace absorbs scheduling delays of a loaded 2-core machine running the race
@@ -213,6 +215,7 @@ func (r *run) start(viaProxy bool) *holderProc {
 		"-work", r.p.work.String(), "-workmin", r.p.workMin.String(),
 		"-rawfence", strconv.FormatFloat(r.p.rawFence, 'f', -1, 64),
 		"-seed", strconv.FormatUint(rand.Uint64(), 10))
+	cmd.Args = append(cmd.Args, r.p.sabotage...)
 	hp := &holderProc{name: name, cmd: cmd, viaProxy: viaProxy, exited: make(chan struct{}),
 		errPath: filepath.Join(r.dir, name+".stderr")}
 	errf, err := os.Create(hp.errPath)

@@ -26,6 +26,8 @@ import (
 var longFlag = flag.Bool("torture.long", false,
 	"run the long torture mode: 8 processes, every scenario for 85s (also PGLEASE_TORTURE=long)")
 
+var sabotageFlag = flag.Bool("torture.sabotage", false, "run TestOraclesCatchSabotage in the short mode too")
+
 // EnvMode selects the long mode with the value "long".
 const EnvMode = "PGLEASE_TORTURE"
 
@@ -52,7 +54,7 @@ var scenarios = []scenario{
 		p.workMin, p.work = 100*time.Millisecond, 200*time.Millisecond
 		p.noLoss = true
 	}, faultPause},
-	{"terminate", nil, faultTerminate},
+	{"terminate", func(p *params) { p.noLoss = true }, faultTerminate},
 	{"restart", nil, faultRestart},
 	{"network", func(p *params) { p.proxied = p.procs / 2 }, faultNetwork},
 	{"serverpause", nil, faultServerPause},
@@ -80,7 +82,7 @@ func TestTorture(t *testing.T) {
 				sc.adjust(&p)
 			}
 			r := newRun(t, c, bin, sc.name, p)
-			r.exec(sc.fault)
+			r.fail(r.exec(sc.fault))
 		})
 	}
 	t.Run("advisory", func(t *testing.T) {
@@ -111,8 +113,9 @@ func buildHolder(t *testing.T) string {
 }
 
 // exec runs the scenario: processes, faults for p.dur, a settling time
-// without faults, a graceful stop, and the checks.
-func (r *run) exec(fault func(ctx context.Context, r *run)) {
+// without faults, a graceful stop, and the checks. It prints the scenario's
+// line and returns the violations.
+func (r *run) exec(fault func(ctx context.Context, r *run)) []string {
 	r.t0 = Now()
 	for i := 0; i < r.p.procs; i++ {
 		r.start(i < r.p.proxied)
@@ -136,12 +139,12 @@ func (r *run) exec(fault func(ctx context.Context, r *run)) {
 		f()
 	}
 	r.stopAll()
-	r.check()
+	return r.check()
 }
 
-// check runs every oracle and check, prints the scenario's line, and fails
-// the test on any violation.
-func (r *run) check() {
+// check runs every oracle and check, prints the scenario's line, and returns
+// the violations.
+func (r *run) check() []string {
 	t := r.t
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -190,7 +193,12 @@ func (r *run) check() {
 	iv, excused := checkIntervals(r.intervals, r.pauses)
 	v = append(v, iv...)
 	bound := r.p.ttl + r.p.poll + grace
-	v = append(v, checkHandoff(r.kills, r.intervals, r.waits, r.p.ttl, bound, r.end)...)
+	hv, handoffs, slowest := checkHandoff(r.kills, r.intervals, r.waits, r.p.ttl, bound, r.end)
+	v = append(v, hv...)
+	if len(r.kills) > 0 {
+		r.extra = append(r.extra, fmt.Sprintf(" kills_holding=%d handed_over=%d slowest_handover=%s",
+			countHeld(r.kills), handoffs, slowest.Round(time.Millisecond)))
+	}
 	rejected, fencedInDB := lateWrites(r.sectionSeq, r.pauses)
 
 	lost := 0
@@ -261,6 +269,12 @@ func (r *run) check() {
 			_ = f.Close()
 		}
 	}
+	return v
+}
+
+// fail fails the test with the violations, and shows the holders' logs.
+func (r *run) fail(v []string) {
+	t := r.t
 	for i, x := range v {
 		if i == 30 {
 			t.Errorf("... and %d more", len(v)-30)
@@ -279,6 +293,16 @@ func (r *run) check() {
 			}
 		}
 	}
+}
+
+func countHeld(kills []killRec) int {
+	n := 0
+	for _, k := range kills {
+		if k.iv != nil {
+			n++
+		}
+	}
+	return n
 }
 
 func pausedDuring(pauses []pauseRec, iv *interval) bool {
@@ -311,13 +335,29 @@ func between(lo, hi time.Duration) time.Duration { return lo + rand.N(hi-lo+1) }
 func pick(procs []*holderProc) *holderProc { return procs[rand.IntN(len(procs))] }
 
 // 1. SIGKILL of holders at random moments; each is replaced by a new process.
+// Two kills in three hit a process that holds a lock, when there is one.
 func faultKill(ctx context.Context, r *run) {
 	for sleep(ctx, between(r.p.ttl/6, r.p.ttl/2)) {
-		if live := r.live(); len(live) > 0 {
-			hp := pick(live)
-			r.kill(hp)
-			r.start(hp.viaProxy)
+		live := r.live()
+		if len(live) == 0 {
+			continue
 		}
+		if rand.IntN(3) > 0 {
+			r.mu.Lock()
+			var holding []*holderProc
+			for _, hp := range live {
+				if r.open[hp.name] != nil {
+					holding = append(holding, hp)
+				}
+			}
+			r.mu.Unlock()
+			if len(holding) > 0 {
+				live = holding
+			}
+		}
+		hp := pick(live)
+		r.kill(hp)
+		r.start(hp.viaProxy)
 	}
 }
 
@@ -525,4 +565,42 @@ func faultKillWithReapers(ctx context.Context, r *run) {
 		r.extra = append(r.extra, fmt.Sprintf(" reaper_passes=%d reaped_holders=%d reaped_locks=%d skipped=%d",
 			passes, st.Holders, st.Locks, st.Skipped))
 	})
+}
+
+// TestOraclesCatchSabotage runs holders broken on purpose and checks that the
+// oracles notice: a writer that skips the fence breaks oracle A once a paused
+// holder resumes, and a holder that ignores Done breaks oracle B once the
+// network cuts it off. Long mode only (or -run it by name with
+// -torture.sabotage).
+func TestOraclesCatchSabotage(t *testing.T) {
+	if !long() && !*sabotageFlag {
+		t.Skip("long mode only: -torture.long or -torture.sabotage")
+	}
+	bin := buildHolder(t)
+	c := pgtest.Owned(t, pgtest.Options{NoFsync: true})
+	for _, tc := range []struct {
+		sc     scenario
+		flag   string
+		oracle string
+	}{
+		{scenarios[1], "-sabotage-unfenced", "A:"},
+		{scenarios[4], "-sabotage-ignore-loss", "B:"},
+	} {
+		t.Run(tc.sc.name+tc.flag, func(t *testing.T) {
+			p := params{procs: 4, keys: 2, dur: 8 * time.Second, ttl: 1500 * time.Millisecond,
+				poll: 300 * time.Millisecond, work: 60 * time.Millisecond, rawFence: 0.5}
+			tc.sc.adjust(&p)
+			p.noLoss = false
+			p.sabotage = []string{tc.flag}
+			r := newRun(t, c, bin, strings.ReplaceAll(strings.TrimPrefix(tc.flag, "-"), "-", "_"), p)
+			v := r.exec(tc.sc.fault)
+			for _, x := range v {
+				if strings.HasPrefix(x, tc.oracle) {
+					t.Logf("caught, as it should be: %s (and %d more)", x, len(v)-1)
+					return
+				}
+			}
+			t.Errorf("oracle %s did not catch %s; violations: %q", tc.oracle, tc.flag, v)
+		})
+	}
 }

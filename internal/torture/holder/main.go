@@ -39,6 +39,8 @@ type config struct {
 	sections          int
 	rawFence          float64
 	seed              uint64
+	// Sabotage, for checking that the oracles catch what they should.
+	unfenced, ignoreLoss bool
 }
 
 func main() {
@@ -54,6 +56,8 @@ func main() {
 	flag.IntVar(&cfg.sections, "sections", 2, "most sections per acquisition")
 	flag.Float64Var(&cfg.rawFence, "rawfence", 0.5, "share of sections that fence with the SQL function directly instead of Lock.Fence")
 	flag.Uint64Var(&cfg.seed, "seed", 1, "random seed")
+	flag.BoolVar(&cfg.unfenced, "sabotage-unfenced", false, "write without any fence (oracle A must catch it)")
+	flag.BoolVar(&cfg.ignoreLoss, "sabotage-ignore-loss", false, "keep believing after Done closes (oracle B must catch it)")
 	flag.Parse()
 	cfg.workMin = min(cfg.workMin, cfg.work)
 	os.Exit(run(cfg))
@@ -185,14 +189,14 @@ func (p *proc) round(stop context.Context) {
 	}()
 
 	n := 1 + p.rng.IntN(p.cfg.sections)
-	for i := 0; i < n && l.Err() == nil; i++ {
+	for i := 0; i < n && (l.Err() == nil || p.cfg.ignoreLoss); i++ {
 		p.section(l, key)
 	}
 
 	// The belief ends here, before Release: a process killed during Release
 	// has already said so.
 	end := torture.Now()
-	if t := lostAt.Load(); t != 0 && t < end {
+	if t := lostAt.Load(); t != 0 && t < end && !p.cfg.ignoreLoss {
 		end = t
 	}
 	p.out.Emit(torture.Event{Ev: torture.EvEnd, Proc: p.cfg.proc, Key: key, Token: l.Token(), T: end})
@@ -240,9 +244,11 @@ func (p *proc) write(ctx context.Context, l *lease.Lock, key, id string, n int64
 		return torture.OutcomeFailed, err.Error()
 	}
 	defer func() { _ = tx.Rollback(context.Background()) }()
-	if raw {
+	switch {
+	case p.cfg.unfenced:
+	case raw:
 		_, err = tx.Exec(ctx, p.fence, "torture", key, l.Token())
-	} else {
+	default:
 		err = l.Fence(ctx, tx)
 	}
 	if err != nil {
