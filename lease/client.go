@@ -33,6 +33,7 @@ type Client struct {
 	h       *holder       // the live holder; nil when none
 	hInit   chan struct{} // non-nil while a holder is being registered
 	keys    map[string]*keyState
+	advs    []*Advisory    // advisory handles; Close closes them
 	wg      sync.WaitGroup // heartbeats and clean-ups
 
 	attempts atomic.Int64 // acquire statements sent and answered (or failed), for tests and benchmarks
@@ -277,7 +278,7 @@ func (c *Client) gcKeyLocked(mk string, ks *keyState) {
 
 func (c *Client) lockedByUsLocked(key Key, ks *keyState) error {
 	e := &LockedError{Key: key, Host: c.cfg.Owner.Host, PID: c.cfg.Owner.PID, Application: c.cfg.Owner.Application}
-	if ks.held != nil {
+	if ks.held != nil && ks.held.h != nil { // (an advisory lock has no holder row)
 		e.HolderID = ks.held.h.id
 		e.AcquiredAt = ks.held.acquiredAt
 		e.ExpiresIn = time.Until(ks.held.h.deadline)
@@ -572,7 +573,7 @@ func (c *Client) retryRelease(h *holder, k Key, token int64) {
 func (c *Client) onRowDeleted(mk string, token int64) {
 	c.mu.Lock()
 	ks := c.keys[mk]
-	if ks == nil || ks.held == nil || ks.held.token != token {
+	if ks == nil || ks.held == nil || ks.held.token != token || ks.held.adv != nil {
 		c.mu.Unlock()
 		return
 	}
@@ -585,7 +586,7 @@ func (c *Client) onRowDeleted(mk string, token int64) {
 
 // dropLocked forgets l as held. c.mu must be held.
 func (c *Client) dropLocked(l *Lock) {
-	if l.h.locks[l.token] == l {
+	if l.h != nil && l.h.locks[l.token] == l {
 		delete(l.h.locks, l.token)
 	}
 	// Idempotent: the rest only applies while l is the key's held lock.
@@ -736,6 +737,7 @@ func (c *Client) Close(ctx context.Context) error {
 		}
 		cancel()
 	}
+	c.closeAdvisories()
 	c.disp.Close()
 	// Every goroutine ends promptly now: heartbeats were stopped, clean-ups are
 	// bounded by ReleaseTimeout.

@@ -23,7 +23,8 @@ type Lock struct {
 	key        Key
 	token      int64
 	acquiredAt time.Time
-	seq        uint64 // registration order within the holder
+	seq        uint64   // registration order within the holder
+	adv        *advHold // advisory locks only (h is nil then)
 
 	ctx    context.Context
 	cancel context.CancelCauseFunc
@@ -40,11 +41,18 @@ func (l *Lock) Key() Key { return l.key }
 // Fence) in transactions that write what the lock protects.
 func (l *Lock) Token() int64 { return l.token }
 
-// AcquiredAt is when the lock row was inserted, on the database clock.
+// AcquiredAt is when the lock row was inserted, on the database clock (for
+// an advisory lock: when the acquire returned, on the local clock).
 func (l *Lock) AcquiredAt() time.Time { return l.acquiredAt }
 
-// HolderID is the id of the holder row this lock belongs to.
-func (l *Lock) HolderID() int64 { return l.h.id }
+// HolderID is the id of the holder row this lock belongs to (0 for an
+// advisory lock, which has none).
+func (l *Lock) HolderID() int64 {
+	if l.h == nil {
+		return 0
+	}
+	return l.h.id
+}
 
 // Done is closed when the lock is no longer held: lost, released, or its
 // client closed. Err says which.
@@ -74,6 +82,9 @@ func (l *Lock) Release(ctx context.Context) error {
 }
 
 func (l *Lock) release(ctx context.Context) error {
+	if l.adv != nil {
+		return l.adv.release(ctx, l)
+	}
 	c := l.c
 	l.cancel(ErrReleased) // no-op if it was lost or closed first
 	if cause := context.Cause(l.ctx); !errors.Is(cause, ErrReleased) {
@@ -123,7 +134,13 @@ func releaseContext(ctx context.Context, timeout time.Duration) (context.Context
 // takes a row lock that keeps any takeover or reap of the lock waiting until
 // tx ends. Call it in the transaction that writes what the lock protects,
 // before the write; if it fails, roll back.
+//
+// An advisory lock fences only a transaction on its own connection (see
+// BeginTxFunc), and fails with ErrNotFenceable for any other.
 func (l *Lock) Fence(ctx context.Context, tx pgx.Tx) error {
+	if l.adv != nil {
+		return l.adv.fence(l, tx)
+	}
 	if err := l.Err(); err != nil {
 		return fmt.Errorf("lease: fence %s token %d: %w", l.key, l.token, ErrLost)
 	}

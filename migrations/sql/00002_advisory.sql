@@ -1,0 +1,176 @@
+-- pglease schema, version 2: the advisory fast path.
+--
+-- A lock on the advisory path is a session-level PostgreSQL advisory lock on
+-- key_hash(name, id), held by a connection the client keeps open for the
+-- lock's lifetime. Nothing is written to a table on this path; the lock is in
+-- pg_locks, and the view advisory_held below shows who has it.
+--
+-- The table path (acquire) takes pg_try_advisory_xact_lock(key_hash(name, id))
+-- before it touches a key and reports "busy" when it cannot, so a key held on
+-- the advisory path cannot be acquired on the table path. advisory_acquire
+-- closes the other direction: after it holds the session lock it looks, in a
+-- new statement and so a new snapshot, for a live lock row of the key, and
+-- lets go of the session lock when there is one. A table acquirer that
+-- committed its row did so before it released its transaction lock, so that
+-- row is visible to any snapshot taken after the advisory lock was granted.
+--
+-- Names are unqualified, as in version 1; the functions' search_path is pinned
+-- by the last statement.
+
+-- +goose Up
+
+-- advisory_acquire takes the session-level advisory lock p_key for (p_name,
+-- p_id) on the calling connection: at once or not at all when p_wait is false,
+-- else waiting in the server's lock queue. p_key must be key_hash(p_name, p_id):
+-- the client computes it too, and passes it so that it is not hashed twice.
+--
+-- Result: the fencing token (> 0, from token_seq) when the lock was taken; 0
+-- when the key is busy (another session holds the advisory lock, or the key's
+-- lock row is being changed right now); -1 when a live holder has the key on
+-- the table path (see the view held). A scalar, because a record result costs
+-- more than the rest of the call on this path.
+--
+-- Call it outside a transaction block, at READ COMMITTED: the row check must
+-- see a snapshot taken after the lock was granted. If it fails after the lock
+-- was granted (a cancel arriving just then, say), the session lock is still
+-- held: the client then calls advisory_unlock_if_held.
+-- +goose StatementBegin
+CREATE FUNCTION advisory_acquire(p_name text, p_id text, p_key bigint, p_wait boolean)
+RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    cur   locks%ROWTYPE;
+    alive boolean;
+BEGIN
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'pglease: advisory_acquire must run at READ COMMITTED, not %',
+            current_setting('transaction_isolation')
+            USING ERRCODE = '55L03';
+    END IF;
+    IF p_wait THEN
+        PERFORM pg_advisory_lock(p_key);
+    ELSIF NOT pg_try_advisory_lock(p_key) THEN
+        RETURN 0;
+    END IF;
+
+    -- A new statement: its snapshot sees every lock row committed before the
+    -- advisory lock was granted.
+    SELECT l.* INTO cur FROM locks l WHERE l.name = p_name AND l.entity_id = p_id;
+    IF FOUND THEN
+        SELECT h.expires_at > clock_timestamp() INTO alive FROM holders h WHERE h.id = cur.holder_id;
+        IF alive THEN
+            PERFORM pg_advisory_unlock(p_key);
+            RETURN -1;
+        END IF;
+        -- The row's holder is dead (or gone): take the row over as acquire
+        -- does. SKIP LOCKED: a row locked by a fenced transaction, a release or
+        -- a reaper is not waited on; the key counts as busy.
+        SELECT l.* INTO cur FROM locks l WHERE l.name = p_name AND l.entity_id = p_id
+            FOR UPDATE SKIP LOCKED;
+        IF NOT FOUND THEN
+            PERFORM pg_advisory_unlock(p_key);
+            RETURN 0;
+        END IF;
+        -- A real no-op UPDATE of the dead holder row, as in acquire: a heartbeat
+        -- that already passed its expiry check waits for it and then re-checks,
+        -- so it cannot revive the holder after its row was taken.
+        UPDATE holders h SET expires_at = h.expires_at
+         WHERE h.id = cur.holder_id AND h.expires_at <= clock_timestamp();
+        IF NOT FOUND AND EXISTS (SELECT 1 FROM holders h WHERE h.id = cur.holder_id) THEN
+            PERFORM pg_advisory_unlock(p_key); -- renewed meanwhile: alive
+            RETURN -1;
+        END IF;
+        PERFORM set_config('pglease.quiet', 'on', true);
+        DELETE FROM locks l WHERE l.name = p_name AND l.entity_id = p_id AND l.token = cur.token;
+        PERFORM set_config('pglease.quiet', 'off', true);
+    END IF;
+
+    -- The token is drawn while the key is held, so the tokens of one key grow
+    -- across both paths. A transaction whose nextval wrote WAL commits
+    -- durably: a token is never handed out twice, even across a crash.
+    RETURN nextval('token_seq');
+END
+$$;
+-- +goose StatementEnd
+
+-- advisory_release lets go of the session-level advisory lock p_key that the
+-- calling connection holds for (p_name, p_id) with p_token, and announces it
+-- on channel() as a lock row delete is announced, so that table-path waiters
+-- wake. It writes no WAL before its commit record, so it never waits for a
+-- flush (nor holds the cluster-wide notify lock through one). It returns false
+-- when the session did not hold the lock.
+-- +goose StatementBegin
+CREATE FUNCTION advisory_release(p_name text, p_id text, p_key bigint, p_token bigint)
+RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NOT pg_advisory_unlock(p_key) THEN
+        RETURN false;
+    END IF;
+    -- channel(), inlined: a call of it would cost more than the rest.
+    PERFORM pg_notify('pglease_' || md5(current_schema()),
+                      json_build_array(json_build_array(p_name, p_id, p_token))::text);
+    RETURN true;
+END
+$$;
+-- +goose StatementEnd
+
+-- advisory_unlock_if_held lets go of p_key if the calling session holds it,
+-- without the warning pg_advisory_unlock gives otherwise. The client calls it
+-- after an advisory_acquire that failed part-way.
+-- +goose StatementBegin
+CREATE FUNCTION advisory_unlock_if_held(p_key bigint) RETURNS boolean
+LANGUAGE sql AS $$
+    SELECT CASE WHEN EXISTS (
+               SELECT 1 FROM pg_locks l
+                WHERE l.locktype = 'advisory' AND l.pid = pg_backend_pid() AND l.granted
+                  AND l.objsubid = 1 AND l.mode = 'ExclusiveLock'
+                  AND l.classid = ((p_key >> 32) & 4294967295)::oid
+                  AND l.objid = (p_key & 4294967295)::oid)
+           THEN pg_advisory_unlock(p_key) ELSE false END
+$$;
+-- +goose StatementEnd
+
+-- For DBAs: every session-level advisory lock of this database on a 64-bit
+-- key (held or waited for), with the session that has it. A pglease key is
+-- key_hash(name, id); find one with
+--   SELECT * FROM lease.advisory_held WHERE key = lease.key_hash('invoice', '42');
+-- Other applications' bigint advisory locks show here too: their keys match no
+-- key_hash. (name, id) itself is not recorded: the advisory path writes
+-- nothing.
+CREATE VIEW advisory_held AS
+SELECT (l.classid::bigint << 32) | l.objid::bigint AS key,
+       l.granted,
+       l.pid,
+       a.application_name AS application,
+       a.client_addr,
+       a.client_port,
+       a.usename,
+       a.backend_start    AS connected_since,
+       a.state,
+       a.state_change,
+       clock_timestamp() - a.backend_start AS connected_for
+  FROM pg_locks l
+  JOIN pg_stat_activity a ON a.pid = l.pid
+ WHERE l.locktype = 'advisory' AND l.objsubid = 1
+   AND l.database = (SELECT d.oid FROM pg_database d WHERE d.datname = current_database());
+
+-- +goose StatementBegin
+DO $$
+DECLARE
+    f text;
+BEGIN
+    FOREACH f IN ARRAY ARRAY['advisory_acquire(text,text,bigint,boolean)',
+                             'advisory_release(text,text,bigint,bigint)',
+                             'advisory_unlock_if_held(bigint)'] LOOP
+        EXECUTE format('ALTER FUNCTION %s SET search_path = %I, pg_catalog, pg_temp', f, current_schema());
+    END LOOP;
+END
+$$;
+-- +goose StatementEnd
+
+-- +goose Down
+DROP VIEW advisory_held;
+DROP FUNCTION advisory_unlock_if_held(bigint);
+DROP FUNCTION advisory_release(text, text, bigint, bigint);
+DROP FUNCTION advisory_acquire(text, text, bigint, boolean);
