@@ -580,6 +580,12 @@ func (c *Client) onRowDeleted(mk string, token int64) {
 	l := ks.held
 	c.dropLocked(l)
 	c.mu.Unlock()
+	if l.ctx.Err() != nil {
+		// Being released: the notification of our own release can arrive
+		// before its reply. Dropping it here (release drops it too) lets this
+		// client's next acquirer of the key go a little sooner.
+		return
+	}
 	c.log.Warn("pglease: lock lost", "name", l.key.Name, "id", l.key.ID, "token", l.token, "reason", "row deleted")
 	l.cancel(ErrLost)
 }
