@@ -72,31 +72,46 @@ func TestCheckIntervals(t *testing.T) {
 	a := &interval{proc: "p0", key: "k0", token: 1, start: 0, end: 100 * ms}
 	b := &interval{proc: "p1", key: "k0", token: 2, start: 101 * ms, end: 200 * ms}
 	other := &interval{proc: "p2", key: "k1", token: 3, start: 50 * ms, end: 150 * ms}
-	v, ex := checkIntervals([]*interval{b, a, other}, nil)
+	v, ex := checkIntervals([]*interval{b, a, other}, nil, nil, 0)
 	expect(t, v, "")
 	if len(ex) != 0 {
 		t.Fatalf("excused %v", ex)
 	}
 
 	late := &interval{proc: "p0", key: "k0", token: 1, start: 0, end: 150 * ms, release: ReleaseOK}
-	v, _ = checkIntervals([]*interval{late, b}, nil)
+	v, _ = checkIntervals([]*interval{late, b}, nil, nil, 0)
 	expect(t, v, "p0 held token 1 until +150ms (release ok), but p1 acquired token 2 at +101ms")
 
 	// Paused from 50ms: it could not know; the overlap is excused.
-	v, ex = checkIntervals([]*interval{late, b}, []pauseRec{{proc: "p0", from: 50 * ms, to: 140 * ms}})
+	v, ex = checkIntervals([]*interval{late, b}, []pauseRec{{proc: "p0", from: 50 * ms, to: 140 * ms}}, nil, 0)
 	expect(t, v, "")
 	if len(ex) != 1 {
 		t.Fatalf("want 1 excused overlap, got %d", len(ex))
 	}
 	// Paused only after the other had acquired: not excused.
-	v, _ = checkIntervals([]*interval{late, b}, []pauseRec{{proc: "p0", from: 120 * ms, to: 140 * ms}})
+	v, _ = checkIntervals([]*interval{late, b}, []pauseRec{{proc: "p0", from: 120 * ms, to: 140 * ms}}, nil, 0)
 	expect(t, v, "p0 held token 1")
 	// Another process's pause excuses nothing.
-	v, _ = checkIntervals([]*interval{late, b}, []pauseRec{{proc: "p1", from: 50 * ms, to: 140 * ms}})
+	v, _ = checkIntervals([]*interval{late, b}, []pauseRec{{proc: "p1", from: 50 * ms, to: 140 * ms}}, nil, 0)
 	expect(t, v, "p0 held token 1")
 
-	v, _ = checkIntervals([]*interval{{proc: "p0", key: "k0", token: 1, start: 5}}, nil)
+	v, _ = checkIntervals([]*interval{{proc: "p0", key: "k0", token: 1, start: 5}}, nil, nil, 0)
 	expect(t, v, "never ended")
+
+	// An advisory holder whose connection was dropped at 90ms and that
+	// noticed at 150ms is excused if notice allows 60ms, not if 50ms.
+	adv := &interval{proc: "p0", key: "k0", token: 1, start: 0, end: 150 * ms, adv: true}
+	drops := []pauseRec{{proc: "p0", from: 90 * ms}}
+	v, ex = checkIntervals([]*interval{adv, b}, nil, drops, 60*time.Millisecond)
+	expect(t, v, "")
+	if len(ex) != 1 {
+		t.Fatalf("want 1 excused overlap, got %d", len(ex))
+	}
+	v, _ = checkIntervals([]*interval{adv, b}, nil, drops, 50*time.Millisecond)
+	expect(t, v, "p0 held token 1")
+	// A table-mode lock does not live in its connection: no excuse.
+	v, _ = checkIntervals([]*interval{late, b}, nil, drops, time.Second)
+	expect(t, v, "p0 held token 1")
 }
 
 func TestCheckHandoff(t *testing.T) {

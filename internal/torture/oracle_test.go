@@ -2,6 +2,7 @@ package torture
 
 import (
 	"fmt"
+	"slices"
 	"sort"
 	"time"
 )
@@ -78,6 +79,7 @@ func checkTokens(ivs []*interval) []string {
 		byKey[iv.key] = append(byKey[iv.key], iv)
 	}
 	for k, list := range byKey {
+		list = slices.DeleteFunc(list, func(iv *interval) bool { return iv.at == 0 }) // advisory: no database time
 		sort.Slice(list, func(i, j int) bool { return list[i].at < list[j].at })
 		for i := 1; i < len(list); i++ {
 			a, b := list[i-1], list[i]
@@ -91,12 +93,22 @@ func checkTokens(ivs []*interval) []string {
 
 // truncated is the end of iv's knowable belief: a process paused by the
 // suite while it held the lock cannot know what happened from the moment it
-// stopped until it runs again, so its interval counts up to the pause.
-func truncated(iv *interval, pauses []pauseRec) int64 {
+// stopped until it runs again, so its interval counts up to the pause. An
+// advisory lock lives in its connection: a holder whose connection the suite
+// dropped learns of it within the check interval (notice), so its interval
+// counts up to the drop if it ended within notice of it.
+func truncated(iv *interval, pauses, drops []pauseRec, notice time.Duration) int64 {
 	end := iv.end
 	for _, p := range pauses {
 		if p.proc == iv.proc && p.from >= iv.start && p.from < end {
 			end = p.from
+		}
+	}
+	if iv.adv {
+		for _, d := range drops {
+			if d.proc == iv.proc && d.from >= iv.start && d.from < end && iv.end-d.from <= int64(notice) {
+				end = d.from
+			}
 		}
 	}
 	return end
@@ -119,8 +131,10 @@ type overlap struct{ a, b *interval }
 
 // checkIntervals is oracle B: no two intervals of one key overlap. An overlap
 // that disappears when the paused process's interval is cut at its pause is
-// excused and returned, for the fence checks; any other is a violation.
-func checkIntervals(ivs []*interval, pauses []pauseRec) (v []string, excused []overlap) {
+// excused and returned, for the fence checks; so is one that disappears when
+// an advisory holder's interval is cut where its connection was dropped, if it
+// noticed within notice. Any other is a violation.
+func checkIntervals(ivs []*interval, pauses, drops []pauseRec, notice time.Duration) (v []string, excused []overlap) {
 	byKey := map[string][]*interval{}
 	for _, iv := range ivs {
 		byKey[iv.key] = append(byKey[iv.key], iv)
@@ -142,7 +156,7 @@ func checkIntervals(ivs []*interval, pauses []pauseRec) (v []string, excused []o
 				if b.start >= a.end {
 					continue
 				}
-				if truncated(a, pauses) <= b.start {
+				if truncated(a, pauses, drops, notice) <= b.start {
 					excused = append(excused, overlap{a, b})
 					continue
 				}

@@ -40,6 +40,10 @@ type params struct {
 	// reapBound, when set, is how long after its holder's expiry a dead lock
 	// row or holder row may still exist (reapers are running).
 	reapBound time.Duration
+	// mode of the holders: table, advisory or mixed.
+	mode string
+	// check is AdvisoryConfig.CheckInterval.
+	check time.Duration
 	// sabotage: extra holder flags that break it on purpose.
 	sabotage []string
 }
@@ -57,6 +61,7 @@ type interval struct {
 	lostT      int64 // when the holder saw Done close without Release
 	release    string
 	killed     bool // ended by the death of its process
+	adv        bool // on the advisory path
 }
 
 type section struct {
@@ -94,6 +99,7 @@ type holderProc struct {
 	exitT    int64
 	exitErr  error
 	killed   bool
+	killT    int64
 	stopped  bool // asked to stop gracefully
 	bye      bool
 	leak     string
@@ -125,6 +131,7 @@ type run struct {
 	waits      []*wait
 	waiting    map[string]*wait // by process
 	pauses     []pauseRec
+	drops      []pauseRec // connections of a process dropped by the suite (from only)
 	kills      []killRec
 	faults     int
 	acqErrors  int
@@ -215,6 +222,9 @@ func (r *run) start(viaProxy bool) *holderProc {
 		"-work", r.p.work.String(), "-workmin", r.p.workMin.String(),
 		"-rawfence", strconv.FormatFloat(r.p.rawFence, 'f', -1, 64),
 		"-seed", strconv.FormatUint(rand.Uint64(), 10))
+	if r.p.mode != "" {
+		cmd.Args = append(cmd.Args, "-mode", r.p.mode, "-check", r.p.check.String())
+	}
 	cmd.Args = append(cmd.Args, r.p.sabotage...)
 	hp := &holderProc{name: name, cmd: cmd, viaProxy: viaProxy, exited: make(chan struct{}),
 		errPath: filepath.Join(r.dir, name+".stderr")}
@@ -268,6 +278,9 @@ func (r *run) read(hp *holderProc, stdout io.Reader) {
 // died closes what the process left open: its belief ends at its death.
 func (r *run) died(hp *holderProc, now int64) {
 	if iv := r.open[hp.name]; iv != nil {
+		if hp.killT != 0 {
+			now = max(hp.killT, iv.start)
+		}
 		iv.end, iv.killed = now, true
 		delete(r.open, hp.name)
 	}
@@ -300,7 +313,7 @@ func (r *run) record(hp *holderProc, ev Event) {
 		if r.byToken[ev.Token] != nil {
 			r.violateLocked("%s: token %d handed out twice", hp.name, ev.Token)
 		}
-		iv := &interval{proc: hp.name, key: ev.Key, token: ev.Token, start: ev.T, at: ev.At}
+		iv := &interval{proc: hp.name, key: ev.Key, token: ev.Token, start: ev.T, at: ev.At, adv: ev.Adv}
 		r.intervals = append(r.intervals, iv)
 		r.open[hp.name] = iv
 		r.byToken[ev.Token] = iv
@@ -347,6 +360,11 @@ func (r *run) record(hp *holderProc, ev Event) {
 func (r *run) kill(hp *holderProc) {
 	r.mu.Lock()
 	hp.killed = true
+	// A process cannot act after SIGKILL: its belief ends at the signal (its
+	// death follows within microseconds; reaping it can take much longer, and
+	// on the advisory path its lock is free as soon as its backend sees the
+	// socket close).
+	hp.killT = Now()
 	r.mu.Unlock()
 	_ = hp.cmd.Process.Signal(syscall.SIGKILL)
 	<-hp.exited
@@ -362,7 +380,7 @@ func (r *run) kill(hp *holderProc) {
 			break
 		}
 	}
-	r.kills = append(r.kills, killRec{proc: hp.name, t: hp.exitT, iv: held})
+	r.kills = append(r.kills, killRec{proc: hp.name, t: hp.killT, iv: held})
 	r.faults++
 }
 
@@ -395,6 +413,16 @@ func (r *run) resume(hp *holderProc, from int64) {
 	hp.paused = false
 	r.pauses = append(r.pauses, pauseRec{proc: hp.name, from: from, to: now})
 	r.faults++
+}
+
+// dropped records that the suite dropped a connection of the named
+// processes at time t (a terminated backend, a server restart).
+func (r *run) dropped(t int64, procs ...string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, p := range procs {
+		r.drops = append(r.drops, pauseRec{proc: p, from: t})
+	}
 }
 
 // live returns the processes that have not exited and are not paused.

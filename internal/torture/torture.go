@@ -5,7 +5,8 @@
 // The suite runs real OS processes that contend for locks on a throwaway
 // PostgreSQL cluster while it injects faults (SIGKILL, SIGSTOP, terminated
 // backends, server restarts and pauses, network faults through a proxy,
-// reapers), and checks every run against two oracles:
+// reapers; kills, terminations and restarts again with table and advisory
+// locks mixed), and checks every run against two oracles:
 //
 //   - A, the fenced counter: every critical section reads a counter, waits,
 //     and writes counter+1 in a transaction that calls fence, logging the
@@ -17,7 +18,10 @@
 //     clock all processes share (CLOCK_MONOTONIC). No two intervals of one key
 //     overlap, except where one belongs to a process that was paused by the
 //     suite (it cannot know); there oracle A must still hold, and the paused
-//     process's late fenced write must have been rejected.
+//     process's late fenced write must have been rejected. An advisory lock
+//     lives in its connection: its holder may believe in it until its next
+//     connection check after the suite dropped that connection, and no
+//     longer.
 //
 // Run the short mode with plain go test; the long mode with
 //
@@ -109,6 +113,7 @@ type Event struct {
 	N       int64  `json:"n,omitempty"`
 	Outcome string `json:"out,omitempty"`
 	Raw     bool   `json:"raw,omitempty"` // the section fenced with the SQL function, not Lock.Fence
+	Adv     bool   `json:"adv,omitempty"` // on the advisory path
 	Release string `json:"rel,omitempty"`
 	Err     string `json:"err,omitempty"`
 	Leak    string `json:"leak,omitempty"`

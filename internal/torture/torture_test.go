@@ -59,7 +59,14 @@ var scenarios = []scenario{
 	{"network", func(p *params) { p.proxied = p.procs / 2 }, faultNetwork},
 	{"serverpause", nil, faultServerPause},
 	{"reaper", func(p *params) { p.reapBound = 500*time.Millisecond + grace }, faultKillWithReapers},
+	// 8. Mixed modes: each acquisition picks the advisory or the table path,
+	// so advisory locks contend with advisory and with table locks.
+	{"mixed-kill", mixed, faultKill},
+	{"mixed-terminate", mixed, faultTerminate},
+	{"mixed-restart", mixed, faultRestart},
 }
+
+func mixed(p *params) { p.mode = "mixed" }
 
 func TestTorture(t *testing.T) {
 	bin := buildHolder(t)
@@ -67,7 +74,7 @@ func TestTorture(t *testing.T) {
 	base := params{
 		procs: 4, keys: 2, dur: 8 * time.Second,
 		ttl: 1500 * time.Millisecond, poll: 300 * time.Millisecond,
-		work: 60 * time.Millisecond, rawFence: 0.5,
+		work: 60 * time.Millisecond, rawFence: 0.5, check: 300 * time.Millisecond,
 	}
 	if testing.Short() {
 		base.dur = 4 * time.Second
@@ -85,9 +92,6 @@ func TestTorture(t *testing.T) {
 			r.fail(r.exec(sc.fault))
 		})
 	}
-	t.Run("advisory", func(t *testing.T) {
-		t.Skip("pending: package lease has no advisory mode yet (issue: advisory fast path); scenario 8 runs once it lands")
-	})
 }
 
 // buildHolder builds the helper binary, with the race detector when this test
@@ -190,7 +194,7 @@ func (r *run) check() []string {
 	v = append(v, checkCounter(counter, log, r.sectionSeq)...)
 	v = append(v, checkTokens(r.intervals)...)
 	v = append(v, checkFenceOrder(log, r.intervals)...)
-	iv, excused := checkIntervals(r.intervals, r.pauses)
+	iv, excused := checkIntervals(r.intervals, r.pauses, r.drops, r.p.check+grace)
 	v = append(v, iv...)
 	bound := r.p.ttl + r.p.poll + grace
 	hv, handoffs, slowest := checkHandoff(r.kills, r.intervals, r.waits, r.p.ttl, bound, r.end)
@@ -251,6 +255,15 @@ func (r *run) check() []string {
 		time.Sleep(100 * time.Millisecond) // backends exit asynchronously
 	}
 
+	if r.p.mode != "" {
+		adv := 0
+		for _, x := range r.intervals {
+			if x.adv {
+				adv++
+			}
+		}
+		r.extra = append(r.extra, fmt.Sprintf(" mode=%s advisory_acquired=%d", r.p.mode, adv))
+	}
 	committed := 0
 	for _, sct := range r.sectionSeq {
 		if sct.outcome == OutcomeOK {
@@ -415,13 +428,20 @@ func faultPause(ctx context.Context, r *run) {
 // 3. pg_terminate_backend of a random client backend of the holders about
 // every 100 ms.
 func faultTerminate(ctx context.Context, r *run) {
+	prefix := "torture-" + r.name + "-"
 	for sleep(ctx, between(70*time.Millisecond, 130*time.Millisecond)) {
-		n, err := r.c.TerminateBackends(ctx, `pid = (SELECT a.pid FROM pg_stat_activity a
-			WHERE a.application_name LIKE $1 AND a.backend_type = 'client backend' ORDER BY random() LIMIT 1)`,
-			"torture-"+r.name+"-%")
-		if err == nil {
+		qctx, cancel := context.WithTimeout(ctx, time.Second)
+		var app string
+		var ok bool
+		err := r.admin.QueryRow(qctx, `SELECT application_name, pg_terminate_backend(pid) FROM pg_stat_activity
+			WHERE pid = (SELECT a.pid FROM pg_stat_activity a
+			             WHERE a.application_name LIKE $1 AND a.backend_type = 'client backend' ORDER BY random() LIMIT 1)`,
+			prefix+"%").Scan(&app, &ok)
+		cancel()
+		if err == nil && ok {
+			r.dropped(Now(), strings.TrimPrefix(app, "torture-"))
 			r.mu.Lock()
-			r.faults += n
+			r.faults++
 			r.mu.Unlock()
 		}
 	}
@@ -437,6 +457,11 @@ func faultRestart(ctx context.Context, r *run) {
 		} else {
 			mode = pgtest.Immediate
 		}
+		var names []string
+		for _, hp := range r.live() {
+			names = append(names, hp.name)
+		}
+		r.dropped(Now(), names...)
 		if err := r.c.Restart(mode); err != nil {
 			r.violate("restart: %v", err)
 			return

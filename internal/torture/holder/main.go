@@ -39,6 +39,8 @@ type config struct {
 	sections          int
 	rawFence          float64
 	seed              uint64
+	mode              string // table, advisory or mixed
+	check             time.Duration
 	// Sabotage, for checking that the oracles catch what they should.
 	unfenced, ignoreLoss bool
 }
@@ -56,6 +58,8 @@ func main() {
 	flag.IntVar(&cfg.sections, "sections", 2, "most sections per acquisition")
 	flag.Float64Var(&cfg.rawFence, "rawfence", 0.5, "share of sections that fence with the SQL function directly instead of Lock.Fence")
 	flag.Uint64Var(&cfg.seed, "seed", 1, "random seed")
+	flag.StringVar(&cfg.mode, "mode", "table", "table, advisory, or mixed (each acquisition picks one)")
+	flag.DurationVar(&cfg.check, "check", 300*time.Millisecond, "AdvisoryConfig.CheckInterval")
 	flag.BoolVar(&cfg.unfenced, "sabotage-unfenced", false, "write without any fence (oracle A must catch it)")
 	flag.BoolVar(&cfg.ignoreLoss, "sabotage-ignore-loss", false, "keep believing after Done closes (oracle B must catch it)")
 	flag.Parse()
@@ -69,6 +73,7 @@ type proc struct {
 	rng    *rand.Rand
 	pool   *pgxpool.Pool
 	client *lease.Client
+	adv    *lease.Advisory // nil in table mode
 	seq    int
 	fence  string // the SQL function, for raw fences
 }
@@ -122,6 +127,12 @@ func run(cfg config) int {
 		rng:   rand.New(rand.NewPCG(cfg.seed, uint64(os.Getpid()))),
 		fence: "SELECT " + pgx.Identifier{cfg.schema, "fence"}.Sanitize() + "($1, $2, $3)",
 	}
+	if cfg.mode != "table" {
+		if p.adv, err = client.Advisory(&lease.AdvisoryConfig{CheckInterval: cfg.check}); err != nil {
+			fmt.Fprintln(os.Stderr, "holder:", err)
+			return 2
+		}
+	}
 	for stop.Err() == nil {
 		p.round(stop)
 	}
@@ -154,8 +165,15 @@ func run(cfg config) int {
 func (p *proc) round(stop context.Context) {
 	key := fmt.Sprintf("k%d", p.rng.IntN(p.cfg.keys))
 	ctx, cancel := context.WithTimeout(stop, 10*p.cfg.ttl)
-	p.out.Emit(torture.Event{Ev: torture.EvAcquiring, Proc: p.cfg.proc, Key: key, T: torture.Now()})
-	l, err := p.client.Acquire(ctx, lease.Key{Name: "torture", ID: key})
+	adv := p.cfg.mode == "advisory" || (p.cfg.mode == "mixed" && p.rng.IntN(2) == 0)
+	p.out.Emit(torture.Event{Ev: torture.EvAcquiring, Proc: p.cfg.proc, Key: key, T: torture.Now(), Adv: adv})
+	var l *lease.Lock
+	var err error
+	if adv {
+		l, err = p.adv.Acquire(ctx, lease.Key{Name: "torture", ID: key})
+	} else {
+		l, err = p.client.Acquire(ctx, lease.Key{Name: "torture", ID: key})
+	}
 	cancel()
 	if err != nil {
 		p.out.Emit(torture.Event{Ev: torture.EvAcquireError, Proc: p.cfg.proc, Key: key, T: torture.Now(), Err: err.Error()})
@@ -165,8 +183,11 @@ func (p *proc) round(stop context.Context) {
 		return
 	}
 	start := torture.Now()
-	p.out.Emit(torture.Event{Ev: torture.EvAcquired, Proc: p.cfg.proc, Key: key, Token: l.Token(), T: start,
-		At: l.AcquiredAt().UnixMicro()})
+	ev := torture.Event{Ev: torture.EvAcquired, Proc: p.cfg.proc, Key: key, Token: l.Token(), T: start, Adv: adv}
+	if !adv { // an advisory lock's AcquiredAt is the client's clock, not the database's
+		ev.At = l.AcquiredAt().UnixMicro()
+	}
+	p.out.Emit(ev)
 
 	// Watch for loss: the interval ends when this process sees Done close.
 	var lostAt atomic.Int64
@@ -239,6 +260,18 @@ func (p *proc) section(l *lease.Lock, key string) {
 }
 
 func (p *proc) write(ctx context.Context, l *lease.Lock, key, id string, n int64, raw bool) (string, string) {
+	if l.Advisory() {
+		// Fenced by construction: on the lock's own pinned connection. Any
+		// error may have come after COMMIT was sent; the log table tells.
+		err := l.BeginTxFunc(ctx, pgx.TxOptions{}, func(tx pgx.Tx) error {
+			_, err := p.update(ctx, tx, l, key, id, n)
+			return err
+		})
+		if err != nil {
+			return torture.OutcomeUnknown, err.Error()
+		}
+		return torture.OutcomeOK, ""
+	}
 	tx, err := p.pool.Begin(ctx)
 	if err != nil {
 		return torture.OutcomeFailed, err.Error()
@@ -261,22 +294,30 @@ func (p *proc) write(ctx context.Context, l *lease.Lock, key, id string, n int64
 		}
 		return torture.OutcomeFailed, err.Error()
 	}
-	var prev int64
-	if err := tx.QueryRow(ctx, `SELECT last_token FROM `+p.table("counter")+` WHERE key = $1`, key).Scan(&prev); err != nil {
-		return torture.OutcomeFailed, err.Error()
-	}
-	if _, err := tx.Exec(ctx, `UPDATE `+p.table("counter")+` SET n = $2, last_token = $3 WHERE key = $1`,
-		key, n+1, l.Token()); err != nil {
-		return torture.OutcomeFailed, err.Error()
-	}
-	if _, err := tx.Exec(ctx, `INSERT INTO `+p.table("log")+` (section, key, token, n, prev_token, proc)
-		VALUES ($1, $2, $3, $4, $5, $6)`, id, key, l.Token(), n+1, prev, p.cfg.proc); err != nil {
-		return torture.OutcomeFailed, err.Error()
+	if out, err := p.update(ctx, tx, l, key, id, n); err != nil {
+		return out, err.Error()
 	}
 	if err := tx.Commit(ctx); err != nil {
 		return torture.OutcomeUnknown, err.Error()
 	}
 	return torture.OutcomeOK, ""
+}
+
+// update writes counter n+1 for key and logs the write, in tx.
+func (p *proc) update(ctx context.Context, tx pgx.Tx, l *lease.Lock, key, id string, n int64) (string, error) {
+	var prev int64
+	if err := tx.QueryRow(ctx, `SELECT last_token FROM `+p.table("counter")+` WHERE key = $1`, key).Scan(&prev); err != nil {
+		return torture.OutcomeFailed, err
+	}
+	if _, err := tx.Exec(ctx, `UPDATE `+p.table("counter")+` SET n = $2, last_token = $3 WHERE key = $1`,
+		key, n+1, l.Token()); err != nil {
+		return torture.OutcomeFailed, err
+	}
+	if _, err := tx.Exec(ctx, `INSERT INTO `+p.table("log")+` (section, key, token, n, prev_token, proc)
+		VALUES ($1, $2, $3, $4, $5, $6)`, id, key, l.Token(), n+1, prev, p.cfg.proc); err != nil {
+		return torture.OutcomeFailed, err
+	}
+	return "", nil
 }
 
 func (p *proc) table(name string) string {
