@@ -224,7 +224,16 @@ func TestLocalFIFOOneAttemptPerWakeUp(t *testing.T) {
 		t.Fatalf("%d acquire statements while %d goroutines wait, want 1", got, n)
 	}
 	mustRelease(t, e.ctx, la)
-	wg.Wait()
+	all := make(chan struct{})
+	go func() { wg.Wait(); close(all) }()
+	select {
+	case <-all:
+	case <-time.After(waitLimit):
+		left := lease.QueueLen(b, k)
+		_ = b.Close(e.ctx) // ends the waiting goroutines while the test still runs
+		<-all
+		t.Fatalf("after %s, %d of %d goroutines had not had the lock", waitLimit, left, n)
+	}
 	if t.Failed() {
 		t.FailNow()
 	}
