@@ -86,8 +86,13 @@ BEGIN
     END IF;
 
     -- The token is drawn while the key is held, so the tokens of one key grow
-    -- across both paths. A transaction whose nextval wrote WAL commits
-    -- durably: a token is never handed out twice, even across a crash.
+    -- across both paths. The sequence logs ahead once every 32 values, and the
+    -- transaction that does so must commit durably (even where the role
+    -- defaults to asynchronous commit): a token is never handed out twice,
+    -- even across a crash.
+    IF current_setting('synchronous_commit') = 'off' THEN
+        PERFORM set_config('synchronous_commit', 'on', true);
+    END IF;
     RETURN nextval('token_seq');
 END
 $$;
