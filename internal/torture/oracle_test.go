@@ -96,7 +96,8 @@ func checkTokens(ivs []*interval) []string {
 // stopped until it runs again, so its interval counts up to the pause. An
 // advisory lock lives in its connection: a holder whose connection the suite
 // dropped learns of it within the check interval (notice), so its interval
-// counts up to the drop if it ended within notice of it.
+// counts up to the drop if it ended within notice of it. The drop times are
+// taken before the suite acts, so they are never later than the real drop.
 func truncated(iv *interval, pauses, drops []pauseRec, notice time.Duration) int64 {
 	end := iv.end
 	for _, p := range pauses {
@@ -106,13 +107,20 @@ func truncated(iv *interval, pauses, drops []pauseRec, notice time.Duration) int
 	}
 	if iv.adv {
 		for _, d := range drops {
-			if d.proc == iv.proc && d.from >= iv.start && d.from < end && iv.end-d.from <= int64(notice) {
-				end = d.from
+			// A backend told to terminate may still grant a lock before it
+			// exits: a drop just before the start counts too.
+			from := max(d.from, iv.start)
+			if d.proc == iv.proc && d.from >= iv.start-int64(dropSlack) && from < end && iv.end-from <= int64(notice) {
+				end = from
 			}
 		}
 	}
 	return end
 }
+
+// dropSlack is how long before an advisory lock was acquired a drop of its
+// process's connections still counts for it.
+const dropSlack = 250 * time.Millisecond
 
 // how tells how an interval ended, for messages.
 func (iv *interval) how() string {
@@ -124,6 +132,31 @@ func (iv *interval) how() string {
 	default:
 		return "release " + iv.release
 	}
+}
+
+// nearestDrop describes the drop of a's process's connections nearest to
+// a's start, for messages about advisory locks.
+func nearestDrop(a *interval, drops []pauseRec) string {
+	if !a.adv {
+		return ""
+	}
+	best := int64(-1)
+	for _, d := range drops {
+		if d.proc == a.proc && (best < 0 || abs(d.from-a.start) < abs(best-a.start)) {
+			best = d.from
+		}
+	}
+	if best < 0 {
+		return ", advisory"
+	}
+	return fmt.Sprintf(", advisory, its connection dropped at %+v", time.Duration(best-a.start))
+}
+
+func abs(x int64) int64 {
+	if x < 0 {
+		return -x
+	}
+	return x
 }
 
 // overlap is a pair of intervals of one key that overlap, a starting first.
@@ -160,8 +193,8 @@ func checkIntervals(ivs []*interval, pauses, drops []pauseRec, notice time.Durat
 					excused = append(excused, overlap{a, b})
 					continue
 				}
-				v = append(v, fmt.Sprintf("B: %s: %s held token %d until +%s (%s), but %s acquired token %d at +%s",
-					k, a.proc, a.token, time.Duration(a.end-a.start), a.how(), b.proc, b.token, time.Duration(b.start-a.start)))
+				v = append(v, fmt.Sprintf("B: %s: %s held token %d until +%s (%s%s), but %s acquired token %d at +%s",
+					k, a.proc, a.token, time.Duration(a.end-a.start), a.how(), nearestDrop(a, drops), b.proc, b.token, time.Duration(b.start-a.start)))
 			}
 		}
 	}

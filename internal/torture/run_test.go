@@ -120,27 +120,28 @@ type run struct {
 	t0     int64
 	end    int64 // when faults stopped
 
-	mu         sync.Mutex
-	procs      []*holderProc
-	byName     map[string]*holderProc
-	intervals  []*interval
-	open       map[string]*interval // by process
-	byToken    map[int64]*interval
-	sections   map[string]*section
-	sectionSeq []*section
-	waits      []*wait
-	waiting    map[string]*wait // by process
-	pauses     []pauseRec
-	drops      []pauseRec // connections of a process dropped by the suite (from only)
-	kills      []killRec
-	faults     int
-	acqErrors  int
-	releases   int
-	violations []string
-	extra      []string
-	orphanSeen map[int64]int64
-	reported   map[string]bool
-	onRead     func(hp *holderProc, ev Event) // fault hook, called with mu held
+	mu           sync.Mutex
+	procs        []*holderProc
+	byName       map[string]*holderProc
+	intervals    []*interval
+	open         map[string]*interval // by process
+	byToken      map[int64]*interval
+	sections     map[string]*section
+	sectionSeq   []*section
+	waits        []*wait
+	waiting      map[string]*wait // by process
+	pauses       []pauseRec
+	drops        []pauseRec // connections of a process dropped by the suite (from only)
+	kills        []killRec
+	faults       int
+	fastRestarts int
+	acqErrors    int
+	releases     int
+	violations   []string
+	extra        []string
+	orphanSeen   map[int64]int64
+	reported     map[string]bool
+	onRead       func(hp *holderProc, ev Event) // fault hook, called with mu held
 	// bg lives until the checks begin, for what runs beside the processes
 	// (reapers); afterBg runs once bg is cancelled.
 	bg      context.Context

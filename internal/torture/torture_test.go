@@ -72,7 +72,7 @@ func TestTorture(t *testing.T) {
 	bin := buildHolder(t)
 	c := pgtest.Owned(t, pgtest.Options{NoFsync: true})
 	base := params{
-		procs: 4, keys: 2, dur: 8 * time.Second,
+		procs: 4, keys: 2, dur: 6 * time.Second,
 		ttl: 1500 * time.Millisecond, poll: 300 * time.Millisecond,
 		work: 60 * time.Millisecond, rawFence: 0.5, check: 300 * time.Millisecond,
 	}
@@ -433,13 +433,14 @@ func faultTerminate(ctx context.Context, r *run) {
 		qctx, cancel := context.WithTimeout(ctx, time.Second)
 		var app string
 		var ok bool
+		before := Now() // never later than the backend's exit
 		err := r.admin.QueryRow(qctx, `SELECT application_name, pg_terminate_backend(pid) FROM pg_stat_activity
 			WHERE pid = (SELECT a.pid FROM pg_stat_activity a
 			             WHERE a.application_name LIKE $1 AND a.backend_type = 'client backend' ORDER BY random() LIMIT 1)`,
 			prefix+"%").Scan(&app, &ok)
 		cancel()
 		if err == nil && ok {
-			r.dropped(Now(), strings.TrimPrefix(app, "torture-"))
+			r.dropped(before, strings.TrimPrefix(app, "torture-"))
 			r.mu.Lock()
 			r.faults++
 			r.mu.Unlock()
@@ -451,7 +452,7 @@ func faultTerminate(ctx context.Context, r *run) {
 // waited for.
 func faultRestart(ctx context.Context, r *run) {
 	mode := pgtest.Immediate
-	for sleep(ctx, between(r.p.ttl, 2*r.p.ttl)) {
+	for sleep(ctx, between(r.p.ttl/2, r.p.ttl)) {
 		if mode == pgtest.Immediate {
 			mode = pgtest.Fast
 		} else {
@@ -468,8 +469,12 @@ func faultRestart(ctx context.Context, r *run) {
 		}
 		r.mu.Lock()
 		r.faults++
+		if mode == pgtest.Fast {
+			r.fastRestarts++
+		}
 		r.mu.Unlock()
 	}
+	r.extra = append(r.extra, fmt.Sprintf(" fast_restarts=%d immediate_restarts=%d", r.fastRestarts, r.faults-r.fastRestarts))
 }
 
 // 5. Network faults through the proxy, for half of the processes (the others
@@ -488,7 +493,8 @@ func faultNetwork(ctx context.Context, r *run) {
 		r.extra = append(r.extra, fmt.Sprintf(" lost_acquire_replies=%d blackholes=%d latency_periods=%d resets=%d",
 			lostReplies, blackholes, latencies, resets))
 	}()
-	for ctx.Err() == nil {
+	// Every kind once, whatever the duration; then again while time is left.
+	for first := true; first || ctx.Err() == nil; first = false {
 		// The replies of two successful acquires are lost.
 		before := px.LostReplies()
 		px.LoseAcquireReplies(2)
@@ -500,27 +506,21 @@ func faultNetwork(ctx context.Context, r *run) {
 		n := px.LostReplies() - before
 		lostReplies += n
 		count(n)
-		if !sleep(ctx, r.p.ttl/3) {
-			break
-		}
+		time.Sleep(r.p.ttl / 3)
 
 		px.Blackhole(true)
 		time.Sleep(r.p.ttl * 3 / 2)
 		px.Blackhole(false)
 		blackholes++
 		count(1)
-		if !sleep(ctx, r.p.ttl/3) {
-			break
-		}
+		time.Sleep(r.p.ttl / 3)
 
 		px.SetLatency(r.p.ttl / 4) // each way: half the TTL per round trip
 		time.Sleep(r.p.ttl)
 		px.SetLatency(0)
 		latencies++
 		count(1)
-		if !sleep(ctx, r.p.ttl/3) {
-			break
-		}
+		time.Sleep(r.p.ttl / 3)
 
 		for i := 0; i < 3; i++ {
 			if px.Reset() > 0 {
