@@ -556,6 +556,14 @@ func (a *Advisory) run(ctx context.Context, s *advSession, key Key, k int64, blo
 	return 0, err
 }
 
+// use counts a user of s's connection other than an attempt (a release, a
+// transaction), so that pickLocked sees it busy.
+func (a *Advisory) use(s *advSession, d int) {
+	a.c.mu.Lock()
+	s.users += d
+	a.c.mu.Unlock()
+}
+
 // lockConn waits for s's connection. It fails when ctx is done or s is given up.
 func (s *advSession) lockConn(ctx context.Context) error {
 	select {
@@ -924,6 +932,8 @@ func (h *advHold) release(ctx context.Context, l *Lock) error {
 	}
 	rctx, cancel := releaseContext(ctx, c.cfg.ReleaseTimeout)
 	defer cancel()
+	a.use(s, 1)
+	defer a.use(s, -1)
 	if err := s.lockConn(rctx); err != nil {
 		if errors.Is(err, errSessionLost) {
 			return nil // the connection was closed meanwhile, and the lock with it
@@ -931,8 +941,10 @@ func (h *advHold) release(ctx context.Context, l *Lock) error {
 		// The connection is busy with a transaction through another lock on it
 		// for longer than ReleaseTimeout: release when it is done.
 		a.wg.Add(1)
+		a.use(s, 1)
 		go func() {
 			defer a.wg.Done()
+			defer a.use(s, -1)
 			if s.lockConn(context.Background()) == nil {
 				h.unlock(l)
 			}
@@ -1004,6 +1016,8 @@ func (h *advHold) txFunc(ctx context.Context, l *Lock, opts pgx.TxOptions, fn fu
 	if err := l.Err(); err != nil {
 		return fmt.Errorf("lease: %s: %w", l.key, err)
 	}
+	a.use(s, 1) // so that tries look elsewhere rather than queue behind fn
+	defer a.use(s, -1)
 	if err := s.lockConn(ctx); err != nil {
 		if errors.Is(err, errSessionLost) {
 			return fmt.Errorf("lease: %s: %w", l.key, ErrLost)
