@@ -747,6 +747,10 @@ func (a *Advisory) setup(ctx context.Context, s *advSession) error {
 }
 
 func (a *Advisory) probeProxy(ctx context.Context, s *advSession) error {
+	// Bounded: it needs one of the pool's connections, which the caller might
+	// be holding all of.
+	ctx, cancel := context.WithTimeout(ctx, a.c.cfg.ReleaseTimeout)
+	defer cancel()
 	for try := 0; ; try++ {
 		retry, err := a.probeProxyOnce(ctx, s)
 		if err == nil || !retry || try == 1 {
