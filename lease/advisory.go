@@ -58,11 +58,11 @@ type AdvisoryConfig struct {
 	// CheckInterval bounds how long a dropped pinned connection (a killed
 	// backend, a server restart, a network cut) goes unnoticed: every pinned
 	// connection that holds locks is checked three times per interval, each
-	// check allowed a third of it, and when one fails every lock on that connection is
-	// reported lost (Lock.Done closes, cause ErrLost). A connection busy with
-	// a transaction run through Lock.BeginTxFunc is checked by that
-	// transaction's own statements instead. At least AdvisoryMinCheckInterval.
-	// Defaults to AdvisoryCheckIntervalDefault (1s).
+	// check allowed a third of it, and when one fails every lock on that
+	// connection is reported lost (Lock.Done closes, cause ErrLost). A
+	// connection busy with a transaction run through Lock.BeginTxFunc is
+	// checked by that transaction's own statements instead. At least
+	// AdvisoryMinCheckInterval. Defaults to AdvisoryCheckIntervalDefault (1s).
 	CheckInterval time.Duration
 }
 
