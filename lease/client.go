@@ -46,6 +46,7 @@ type holder struct {
 	deadline time.Time       // local: start of last good renewal + TTL - SafetyMargin
 	locks    map[int64]*Lock // held, by token
 	pending  map[int64]Key   // releases that failed; retried after each renewal
+	orphans  map[string]Key  // clean-ups of acquires of unknown outcome that failed; retried after each renewal
 	seq      uint64          // registration counter of locks
 	lost     bool            // given up: never used again
 	ctx      context.Context // cancelled when lost: ends the heartbeat and its query
@@ -431,6 +432,7 @@ func (c *Client) ensureHolder(ctx context.Context) (*holder, error) {
 		deadline: start.Add(c.cfg.TTL - c.cfg.SafetyMargin),
 		locks:    map[int64]*Lock{},
 		pending:  map[int64]Key{},
+		orphans:  map[string]Key{},
 	}
 	h.ctx, h.stop = context.WithCancel(context.Background())
 	c.h = h
@@ -506,6 +508,10 @@ func (c *Client) heartbeat(h *holder, last time.Time) {
 		for tok, k := range h.pending {
 			pending[tok] = k
 		}
+		orphans := make([]Key, 0, len(h.orphans))
+		for _, k := range h.orphans {
+			orphans = append(orphans, k)
+		}
 		c.mu.Unlock()
 		last, retrying = start, false
 		if n != wantN || x != wantX {
@@ -513,6 +519,9 @@ func (c *Client) heartbeat(h *holder, last time.Time) {
 		}
 		for tok, k := range pending {
 			c.retryRelease(h, k, tok)
+		}
+		for _, k := range orphans {
+			c.cleanupOrphan(k, h)
 		}
 	}
 }
@@ -662,7 +671,9 @@ func (c *Client) releaseInBackground(key Key, token int64) {
 // cleanupOrphan deletes the row an acquire of key by h may have left if its
 // reply was lost. It queues as a waiter on the key, so that no acquirer of this
 // client runs meanwhile, and deletes only if the client then holds no lock on
-// the key (a later acquire replaces an orphan itself).
+// the key (a later acquire replaces an orphan itself). If the delete fails, it
+// is tried again after each renewal until it succeeds, the client acquires the
+// key, or the holder is lost.
 func (c *Client) cleanupOrphan(key Key, h *holder) {
 	mk := key.mapKey()
 	c.mu.Lock()
@@ -692,14 +703,29 @@ func (c *Client) cleanupOrphan(key Key, h *holder) {
 		}
 		c.mu.Lock()
 		skip := ks.held != nil || h.lost
+		if skip {
+			// Held: that acquire replaced the orphan. Lost: the rows go
+			// with the holder.
+			delete(h.orphans, mk)
+		}
 		c.mu.Unlock()
 		if skip {
 			return
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), c.cfg.ReleaseTimeout)
 		defer cancel()
-		if _, err := c.pool.Exec(ctx, c.q.dropOrphan, key.Name, key.ID, h.id); err != nil {
-			c.log.Debug("pglease: orphan clean-up failed; the row expires with its holder", "name", key.Name, "id", key.ID, "error", err)
+		_, err := c.pool.Exec(ctx, c.q.dropOrphan, key.Name, key.ID, h.id)
+		c.mu.Lock()
+		if err != nil && !h.lost {
+			// The holder lives on, and so would the orphan: nobody else
+			// could take the key while this client never asks for it again.
+			h.orphans[mk] = key
+		} else {
+			delete(h.orphans, mk)
+		}
+		c.mu.Unlock()
+		if err != nil {
+			c.log.Debug("pglease: orphan clean-up failed; retried after the next renewal", "name", key.Name, "id", key.ID, "error", err)
 		}
 	}()
 }

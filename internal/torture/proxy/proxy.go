@@ -32,6 +32,7 @@ type Proxy struct {
 	latency     time.Duration
 	loseAcquire int // replies of successful acquires still to lose
 	lost        int
+	stallAfter  time.Duration // blackhole for this long after each lost reply
 	closed      bool
 
 	wg sync.WaitGroup
@@ -93,6 +94,16 @@ func (p *Proxy) Reset() int {
 func (p *Proxy) LoseAcquireReplies(n int) {
 	p.mu.Lock()
 	p.loseAcquire = n
+	p.mu.Unlock()
+}
+
+// BlackholeAfterLoss makes every lost acquire reply be followed by a
+// blackhole of d (0: none) that ends with every connection reset, its stalled
+// data discarded: as when the network fails right after the acquire
+// committed, so that the client's clean-up of the orphan row fails too.
+func (p *Proxy) BlackholeAfterLoss(d time.Duration) {
+	p.mu.Lock()
+	p.stallAfter = d
 	p.mu.Unlock()
 }
 
@@ -179,6 +190,19 @@ func (p *Proxy) takeLoss() bool {
 	}
 	p.loseAcquire--
 	p.lost++
+	if d := p.stallAfter; d > 0 && p.stall == nil {
+		ch := make(chan struct{})
+		p.stall = ch
+		time.AfterFunc(d, func() {
+			p.Reset() // still stalled: nothing more gets through
+			p.mu.Lock()
+			defer p.mu.Unlock()
+			if p.stall == ch {
+				close(ch)
+				p.stall = nil
+			}
+		})
+	}
 	return true
 }
 
