@@ -59,6 +59,7 @@ type interval struct {
 	start, end int64 // shared clock; end 0 while open
 	at         int64 // acquired_at, Unix µs, database clock
 	lostT      int64 // when the holder saw Done close without Release
+	lostWhy    string
 	release    string
 	killed     bool // ended by the death of its process
 	adv        bool // on the advisory path
@@ -335,7 +336,7 @@ func (r *run) record(hp *holderProc, ev Event) {
 		s.outcome, s.raw, s.endT = ev.Outcome, ev.Raw, ev.T
 	case EvLost:
 		if iv := r.byToken[ev.Token]; iv != nil && iv.lostT == 0 {
-			iv.lostT = ev.T
+			iv.lostT, iv.lostWhy = ev.T, ev.Reason
 		}
 	case EvEnd:
 		iv := r.byToken[ev.Token]

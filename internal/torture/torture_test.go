@@ -9,7 +9,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"sync"
 	"syscall"
@@ -100,9 +99,9 @@ func buildHolder(t *testing.T) string {
 	t.Helper()
 	dir := t.TempDir()
 	bin := filepath.Join(dir, "holder")
-	goTool := filepath.Join(runtime.GOROOT(), "bin", "go")
-	if _, err := os.Stat(goTool); err != nil {
-		goTool = "go"
+	goTool := "go" // the go command that runs this test is on PATH, or named by GOROOT
+	if _, err := exec.LookPath(goTool); err != nil && os.Getenv("GOROOT") != "" {
+		goTool = filepath.Join(os.Getenv("GOROOT"), "bin", "go")
 	}
 	args := []string{"build", "-o", bin}
 	if raceEnabled {
@@ -205,16 +204,33 @@ func (r *run) check() []string {
 	}
 	rejected, fencedInDB := lateWrites(r.sectionSeq, r.pauses)
 
-	lost := 0
+	// Losses. Where noLoss is set, a process that was not paused must never
+	// lose a lock because its row went away (a late release of someone
+	// else's, a reap of a live holder): the table lease does not depend on
+	// connections. A lease that could not be renewed in time is counted, not
+	// judged: on a loaded 2-core machine a renewal can be slow.
+	lost, slow := 0, 0
 	for _, x := range r.intervals {
 		if x.lostT == 0 && x.release != ReleaseLost {
 			continue
 		}
 		lost++
-		if r.p.noLoss && !pausedDuring(r.pauses, x) {
-			v = append(v, fmt.Sprintf("loss: %s lost %s token %d at +%s without being paused (a late release of someone else's?)",
-				x.proc, x.key, x.token, time.Duration(x.lostT-x.start)))
+		if !r.p.noLoss || pausedDuring(r.pauses, x) {
+			continue
 		}
+		switch {
+		case x.lostT == 0:
+			v = append(v, fmt.Sprintf("loss: %s's release of %s token %d found the row gone, without being told first",
+				x.proc, x.key, x.token))
+		case x.lostWhy == "row deleted":
+			v = append(v, fmt.Sprintf("loss: %s lost %s token %d at +%s without being paused: its row was deleted",
+				x.proc, x.key, x.token, time.Duration(x.lostT-x.start)))
+		default:
+			slow++
+		}
+	}
+	if r.p.noLoss {
+		r.extra = append(r.extra, fmt.Sprintf(" lost_to_slow_renewals=%d", slow))
 	}
 	if len(r.pauses) > 0 && r.p.noLoss && rejected == 0 {
 		v = append(v, "pause: no paused holder's late write was rejected: the scenario did not exercise the fence")
@@ -295,7 +311,7 @@ func (r *run) fail(v []string) {
 		}
 		t.Error(x)
 	}
-	if len(v) > 0 {
+	if len(v) > 0 || os.Getenv("PGLEASE_TORTURE_DEBUG") != "" {
 		t.Logf("holder logs are in %s", r.dir)
 		for _, hp := range r.procs {
 			if b, err := os.ReadFile(hp.errPath); err == nil && len(b) > 0 {
@@ -495,18 +511,24 @@ func faultNetwork(ctx context.Context, r *run) {
 	}()
 	// Every kind once, whatever the duration; then again while time is left.
 	for first := true; first || ctx.Err() == nil; first = false {
-		// The replies of two successful acquires are lost.
-		before := px.LostReplies()
-		px.LoseAcquireReplies(2)
-		deadline := time.Now().Add(3 * r.p.ttl)
-		for px.LostReplies()-before < 2 && time.Now().Before(deadline) {
-			time.Sleep(10 * time.Millisecond) // waiting on the proxy's counter
+		// The replies of two successful acquires are lost; then of two more,
+		// each followed by a blackhole that outlasts the client's clean-up
+		// of the orphan row (ReleaseTimeout) but not its lease.
+		for _, after := range []time.Duration{0, r.p.ttl / 5} {
+			before := px.LostReplies()
+			px.BlackholeAfterLoss(after)
+			px.LoseAcquireReplies(2)
+			deadline := time.Now().Add(3 * r.p.ttl)
+			for px.LostReplies()-before < 2 && time.Now().Before(deadline) {
+				time.Sleep(10 * time.Millisecond) // waiting on the proxy's counter
+			}
+			px.LoseAcquireReplies(0)
+			n := px.LostReplies() - before
+			lostReplies += n
+			count(n)
+			time.Sleep(r.p.ttl / 3)
 		}
-		px.LoseAcquireReplies(0)
-		n := px.LostReplies() - before
-		lostReplies += n
-		count(n)
-		time.Sleep(r.p.ttl / 3)
+		px.BlackholeAfterLoss(0)
 
 		px.Blackhole(true)
 		time.Sleep(r.p.ttl * 3 / 2)

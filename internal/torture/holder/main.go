@@ -70,18 +70,29 @@ func main() {
 type proc struct {
 	cfg    config
 	out    *torture.Writer
+	why    *reasons
 	rng    *rand.Rand
 	pool   *pgxpool.Pool
 	client *lease.Client
 	adv    *lease.Advisory // nil in table mode
 	seq    int
 	fence  string // the SQL function, for raw fences
+	// avoid: keys this process leaves alone for a while after an acquire of
+	// it failed, as an application that moves on to other work would. An
+	// orphan row left by a failed acquire is then not replaced by the next
+	// acquire of the same process: the client must clean it up.
+	avoid map[string]time.Time
 }
 
 func run(cfg config) int {
 	out := torture.NewWriter(os.Stdout)
 	out.Emit(torture.Event{Ev: torture.EvHello, Proc: cfg.proc, PID: os.Getpid()})
-	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	level := slog.LevelWarn
+	if os.Getenv("PGLEASE_TORTURE_DEBUG") != "" {
+		level = slog.LevelDebug
+	}
+	why := newReasons(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	log := slog.New(why)
 
 	// Stop when the suite closes our standard input.
 	stop, cancelStop := context.WithCancel(context.Background())
@@ -112,9 +123,9 @@ func run(cfg config) int {
 		TTL:          cfg.ttl,
 		SafetyMargin: cfg.ttl / 4,
 		PollInterval: cfg.poll,
-		// Clean-ups that cannot reach the server give up quickly; the rows
-		// then expire with the holder.
-		ReleaseTimeout: cfg.ttl,
+		// Releases and clean-ups that cannot reach the server give up
+		// quickly (and are retried, or expire with the holder).
+		ReleaseTimeout: cfg.ttl / 10,
 		Owner:          lease.Owner{Application: "torture-" + cfg.proc},
 		Logger:         log.With("proc", cfg.proc),
 	})
@@ -123,9 +134,10 @@ func run(cfg config) int {
 		return 2
 	}
 	p := &proc{
-		cfg: cfg, out: out, pool: pool, client: client,
+		cfg: cfg, out: out, why: why, pool: pool, client: client,
 		rng:   rand.New(rand.NewPCG(cfg.seed, uint64(os.Getpid()))),
 		fence: "SELECT " + pgx.Identifier{cfg.schema, "fence"}.Sanitize() + "($1, $2, $3)",
+		avoid: map[string]time.Time{},
 	}
 	if cfg.mode != "table" {
 		if p.adv, err = client.Advisory(&lease.AdvisoryConfig{CheckInterval: cfg.check}); err != nil {
@@ -164,6 +176,9 @@ func run(cfg config) int {
 // round acquires one random key, runs one or more sections, and releases it.
 func (p *proc) round(stop context.Context) {
 	key := fmt.Sprintf("k%d", p.rng.IntN(p.cfg.keys))
+	for i := 0; i < 10 && time.Now().Before(p.avoid[key]); i++ {
+		key = fmt.Sprintf("k%d", p.rng.IntN(p.cfg.keys))
+	}
 	ctx, cancel := context.WithTimeout(stop, 10*p.cfg.ttl)
 	adv := p.cfg.mode == "advisory" || (p.cfg.mode == "mixed" && p.rng.IntN(2) == 0)
 	p.out.Emit(torture.Event{Ev: torture.EvAcquiring, Proc: p.cfg.proc, Key: key, T: torture.Now(), Adv: adv})
@@ -177,6 +192,7 @@ func (p *proc) round(stop context.Context) {
 	cancel()
 	if err != nil {
 		p.out.Emit(torture.Event{Ev: torture.EvAcquireError, Proc: p.cfg.proc, Key: key, T: torture.Now(), Err: err.Error()})
+		p.avoid[key] = time.Now().Add(3 * p.cfg.ttl)
 		if stop.Err() == nil {
 			time.Sleep(time.Duration(5+p.rng.IntN(20)) * time.Millisecond)
 		}
@@ -206,7 +222,7 @@ func (p *proc) round(stop context.Context) {
 		t := torture.Now()
 		lostAt.Store(t)
 		p.out.Emit(torture.Event{Ev: torture.EvLost, Proc: p.cfg.proc, Key: key, Token: l.Token(), T: t,
-			Err: context.Cause(l.Context()).Error()})
+			Err: context.Cause(l.Context()).Error(), Reason: p.why.of(l.Token())})
 	}()
 
 	n := 1 + p.rng.IntN(p.cfg.sections)
