@@ -274,7 +274,7 @@ func (a *Advisory) acquire(ctx context.Context, key Key, wait bool) (*Lock, erro
 		ks = &keyState{}
 		c.keys[mk] = ks
 	}
-	if !wait && (ks.held != nil || len(ks.queue) > 0) {
+	if !wait && ks.busyLocked() {
 		err := c.lockedByUsLocked(key, ks)
 		c.mu.Unlock()
 		return nil, err

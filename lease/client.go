@@ -61,7 +61,25 @@ type keyState struct {
 	queue []*waiter
 }
 
-type waiter struct{ turn chan struct{} }
+type waiter struct {
+	turn    chan struct{}
+	cleanup bool // an orphan clean-up, not an acquirer
+}
+
+// busyLocked reports whether the key is held or wanted by an acquirer of this
+// client. Orphan clean-ups in the queue do not count: TryAcquire queues
+// behind them for one round trip instead of reporting a lock nobody holds.
+func (ks *keyState) busyLocked() bool {
+	if ks.held != nil {
+		return true
+	}
+	for _, w := range ks.queue {
+		if !w.cleanup {
+			return true
+		}
+	}
+	return false
+}
 
 // New returns a Client using pool, which stays the caller's (Close does not
 // close it). cfg may be nil for all defaults. New does no I/O: the holder row
@@ -154,7 +172,7 @@ func (c *Client) acquire(ctx context.Context, key Key, wait bool) (*Lock, error)
 		ks = &keyState{}
 		c.keys[mk] = ks
 	}
-	if !wait && (ks.held != nil || len(ks.queue) > 0) {
+	if !wait && ks.busyLocked() {
 		err := c.lockedByUsLocked(key, ks)
 		c.mu.Unlock()
 		return nil, err
@@ -686,7 +704,7 @@ func (c *Client) cleanupOrphan(key Key, h *holder) {
 		ks = &keyState{}
 		c.keys[mk] = ks
 	}
-	w := &waiter{turn: make(chan struct{})}
+	w := &waiter{turn: make(chan struct{}), cleanup: true}
 	ks.queue = append(ks.queue, w)
 	if len(ks.queue) == 1 {
 		close(w.turn)

@@ -360,7 +360,7 @@ func TestRevivalRace(t *testing.T) {
 			ctx := e.ctx
 			// a's lease is about to run out (a renewal gives it an hour); b's is long.
 			var a, b int64
-			for id, left := range map[*int64]string{&a: "400 milliseconds", &b: "1 hour"} {
+			for id, left := range map[*int64]string{&a: "1500 milliseconds", &b: "1 hour"} {
 				if err := e.db.Pool.QueryRow(ctx, "INSERT INTO "+e.table("holders")+" (host, pid, application, ttl, expires_at) VALUES ('h', 1, 'test', interval '1 hour', clock_timestamp() + $1::interval) RETURNING id", left).Scan(id); err != nil {
 					t.Fatal(err)
 				}
