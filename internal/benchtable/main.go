@@ -38,6 +38,8 @@ var runs = []run{
 	{"^BenchmarkDistinctKeys8Clients$", "8000x"},
 	{"^BenchmarkMillionRows$", "3000x"},
 	{"^BenchmarkHold10000$", "20x"},
+	{"^BenchmarkAdvisoryUncontended$", "20000x"},
+	{"^BenchmarkAdvisoryOneKey8Clients$", "20000x"},
 }
 
 // row is one line of the table: a figure of a benchmark, its baseline (a
@@ -53,6 +55,9 @@ func atMost(x float64) func(v, r float64) bool  { return func(v, _ float64) bool
 func atLeast(x float64) func(v, r float64) bool { return func(v, _ float64) bool { return v >= x } }
 func ratioAtMost(x float64) func(v, r float64) bool {
 	return func(_, r float64) bool { return r <= x }
+}
+func ratioAtLeast(x float64) func(v, r float64) bool {
+	return func(_, r float64) bool { return r >= x }
 }
 
 var rows = []row{
@@ -82,6 +87,12 @@ var rows = []row{
 	{"Hold10000", "… heartbeats per interval", "heartbeats/interval", "", "", "", nil},
 	{"Hold10000", "… renewal statement, ms", "renew_ms", "", "", "", nil},
 	{"Hold10000", "… Go heap per held lock, bytes", "heap_B/lock", "", "", "≤ 1024", atMost(1024)},
+	{"AdvisoryUncontended", "advisory Acquire+Release, µs", "acquire_us", "pg_advisory_lock+unlock pair", "raw_us", "≤ 1.15 × raw", ratioAtMost(1.15)},
+	{"AdvisoryUncontended", "advisory TryAcquire+Release, µs", "try_us", "pg_advisory_lock+unlock pair", "raw_us", "", nil},
+	{"AdvisoryUncontended", "advisory Acquire+Release, µs", "acquire_us", "pair + nextval + pg_notify", "raw_token_us", "", nil},
+	{"AdvisoryOneKey8Clients", "advisory, 1 key, 8 clients, hold 0: handoffs/s", "handoffs/s", "advisory lock, 8 conns", "raw_handoffs/s", "≥ 0.8 × raw", ratioAtLeast(0.8)},
+	{"AdvisoryOneKey8Clients", "… handoff p99, ms", "p99_ms", "advisory lock, 8 conns", "raw_p99_ms", "", nil},
+	{"AdvisoryOneKey8Clients", "… smallest client share / mean", "min_share", "", "", "", nil},
 }
 
 func main() {
