@@ -530,6 +530,9 @@ func faultNetwork(ctx context.Context, r *run) {
 		}
 		px.BlackholeAfterLoss(0)
 
+		// Cut off a holder: wait (a while) for a proxied process to hold a
+		// lock, so that a direct one has something to take over.
+		r.waitHolding(true, 2*r.p.ttl)
 		px.Blackhole(true)
 		time.Sleep(r.p.ttl * 3 / 2)
 		px.Blackhole(false)
@@ -551,6 +554,22 @@ func faultNetwork(ctx context.Context, r *run) {
 			}
 			time.Sleep(r.p.ttl / 5)
 		}
+	}
+}
+
+// waitHolding waits up to d for a live process that connects through the
+// proxy (or not) to hold a lock.
+func (r *run) waitHolding(viaProxy bool, d time.Duration) {
+	for deadline := time.Now().Add(d); time.Now().Before(deadline); {
+		r.mu.Lock()
+		for name, iv := range r.open {
+			if hp := r.byName[name]; hp != nil && hp.viaProxy == viaProxy && iv != nil {
+				r.mu.Unlock()
+				return
+			}
+		}
+		r.mu.Unlock()
+		time.Sleep(5 * time.Millisecond) // polling what the processes reported
 	}
 }
 
@@ -634,7 +653,9 @@ func TestOraclesCatchSabotage(t *testing.T) {
 		{scenarios[4], "-sabotage-ignore-loss", "B:"},
 	} {
 		t.Run(tc.sc.name+tc.flag, func(t *testing.T) {
-			p := params{procs: 4, keys: 2, dur: 8 * time.Second, ttl: 1500 * time.Millisecond,
+			// One key: whatever a sabotaged holder keeps believing in, the
+			// others want.
+			p := params{procs: 4, keys: 1, dur: 12 * time.Second, ttl: 1500 * time.Millisecond,
 				poll: 300 * time.Millisecond, work: 60 * time.Millisecond, rawFence: 0.5}
 			tc.sc.adjust(&p)
 			p.noLoss = false
