@@ -23,6 +23,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
 // EnvURL names the environment variable that points the tests at an existing
@@ -64,6 +65,18 @@ func (c *Cluster) Owned() bool { return c.owned }
 
 // Port is the TCP port the cluster listens on (owned clusters only).
 func (c *Cluster) Port() int { return c.port }
+
+// Addr is the server's TCP address, host:port, for proxies put in front of it.
+func (c *Cluster) Addr() (string, error) {
+	cfg, err := pgconn.ParseConfig(c.url)
+	if err != nil {
+		return "", err
+	}
+	if strings.HasPrefix(cfg.Host, "/") {
+		return "", fmt.Errorf("pgtest: %s is a Unix socket, not a TCP address", cfg.Host)
+	}
+	return net.JoinHostPort(cfg.Host, strconv.Itoa(int(cfg.Port))), nil
+}
 
 // External returns a Cluster for the server at url. It cannot be restarted.
 func External(url string) *Cluster { return &Cluster{url: url} }

@@ -2,7 +2,6 @@ package torture
 
 import (
 	"context"
-	"fmt"
 	"testing"
 	"time"
 
@@ -20,21 +19,23 @@ import (
 // it holds nothing keeps the key locked for as long as it lives.
 func TestOrphanOfLostReplyIsCleanedUp(t *testing.T) {
 	c := pgtest.Shared(t)
-	if !c.Owned() {
-		t.Skip("needs a throwaway cluster on this machine for the proxy")
-	}
 	db := pgtest.NewDBOn(t, c)
-	px, err := proxy.New(fmt.Sprintf("127.0.0.1:%d", c.Port()))
+	addr, err := c.Addr()
+	if err != nil {
+		t.Fatal(err)
+	}
+	px, err := proxy.New(addr)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(px.Close)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	cfg, err := pgxpool.ParseConfig(fmt.Sprintf("postgres://postgres@127.0.0.1:%d/postgres?sslmode=disable", px.Port()))
+	cfg, err := pgxpool.ParseConfig(c.URL())
 	if err != nil {
 		t.Fatal(err)
 	}
+	cfg.ConnConfig.Host, cfg.ConnConfig.Port = "127.0.0.1", uint16(px.Port())
 	pool, err := pgxpool.NewWithConfig(ctx, cfg)
 	if err != nil {
 		t.Fatal(err)

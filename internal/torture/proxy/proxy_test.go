@@ -2,7 +2,6 @@ package proxy_test
 
 import (
 	"context"
-	"fmt"
 	"testing"
 	"time"
 
@@ -17,11 +16,12 @@ func TestMain(m *testing.M) { pgtest.Main(m) }
 func setup(t *testing.T) (*pgtest.DB, *proxy.Proxy) {
 	t.Helper()
 	c := pgtest.Shared(t)
-	if !c.Owned() {
-		t.Skip("needs a throwaway cluster on this machine")
-	}
 	db := pgtest.NewDBOn(t, c)
-	px, err := proxy.New(fmt.Sprintf("127.0.0.1:%d", c.Port()))
+	addr, err := c.Addr()
+	if err != nil {
+		t.Fatal(err)
+	}
+	px, err := proxy.New(addr)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -33,7 +33,12 @@ func connect(t *testing.T, px *proxy.Proxy) *pgx.Conn {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	conn, err := pgx.Connect(ctx, fmt.Sprintf("postgres://postgres@127.0.0.1:%d/postgres?sslmode=disable", px.Port()))
+	cfg, err := pgx.ParseConfig(pgtest.Shared(t).URL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.Host, cfg.Port = "127.0.0.1", uint16(px.Port())
+	conn, err := pgx.ConnectConfig(ctx, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
