@@ -25,7 +25,6 @@ import (
 var longFlag = flag.Bool("torture.long", false,
 	"run the long torture mode: 8 processes, every scenario for 85s (also PGLEASE_TORTURE=long)")
 
-
 // EnvMode selects the long mode with the value "long".
 const EnvMode = "PGLEASE_TORTURE"
 
