@@ -574,7 +574,9 @@ func (c *Client) verify(h *holder, cutoff uint64) {
 	for _, tok := range tokens {
 		if l := h.locks[tok]; l != nil && !have[tok] {
 			c.dropLocked(l)
-			lost = append(lost, l)
+			if l.ctx.Err() == nil { // a lock being released is not lost
+				lost = append(lost, l)
+			}
 		}
 	}
 	c.mu.Unlock()
