@@ -269,30 +269,14 @@ func (a *Advisory) acquire(ctx context.Context, key Key, wait bool) (*Lock, erro
 		c.mu.Unlock()
 		return nil, err
 	}
-	ks := c.keys[mk]
-	if ks == nil {
-		ks = &keyState{}
-		c.keys[mk] = ks
-	}
-	if !wait && ks.busyLocked() {
-		err := c.lockedByUsLocked(key, ks)
-		c.mu.Unlock()
+	ks, w, err := c.enqueueLocked(key, mk, wait, false)
+	c.mu.Unlock()
+	if err != nil {
 		return nil, err
 	}
-	w := &waiter{turn: make(chan struct{})}
-	ks.queue = append(ks.queue, w)
-	if len(ks.queue) == 1 {
-		close(w.turn)
-	}
-	c.mu.Unlock()
 	defer c.leave(mk, ks, w)
-
-	select {
-	case <-w.turn:
-	case <-ctx.Done():
-		return nil, context.Cause(ctx)
-	case <-c.closing:
-		return nil, ErrClosed
+	if err := c.awaitTurn(ctx, w); err != nil {
+		return nil, err
 	}
 
 	var sub *dispatch.Sub

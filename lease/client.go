@@ -167,30 +167,14 @@ func (c *Client) acquire(ctx context.Context, key Key, wait bool) (*Lock, error)
 		c.mu.Unlock()
 		return nil, ErrClosed
 	}
-	ks := c.keys[mk]
-	if ks == nil {
-		ks = &keyState{}
-		c.keys[mk] = ks
-	}
-	if !wait && ks.busyLocked() {
-		err := c.lockedByUsLocked(key, ks)
-		c.mu.Unlock()
+	ks, w, err := c.enqueueLocked(key, mk, wait, false)
+	c.mu.Unlock()
+	if err != nil {
 		return nil, err
 	}
-	w := &waiter{turn: make(chan struct{})}
-	ks.queue = append(ks.queue, w)
-	if len(ks.queue) == 1 {
-		close(w.turn)
-	}
-	c.mu.Unlock()
 	defer c.leave(mk, ks, w)
-
-	select {
-	case <-w.turn:
-	case <-ctx.Done():
-		return nil, context.Cause(ctx)
-	case <-c.closing:
-		return nil, ErrClosed
+	if err := c.awaitTurn(ctx, w); err != nil {
+		return nil, err
 	}
 
 	var sub *dispatch.Sub
@@ -270,6 +254,38 @@ func (c *Client) acquire(ctx context.Context, key Key, wait bool) (*Lock, error)
 			return nil, ErrClosed
 		}
 		t.Stop()
+	}
+}
+
+// enqueueLocked queues a waiter for key in this client's FIFO (c.mu held).
+// For a try (wait false) it refuses with a *LockedError instead when the key
+// is held or wanted by an acquirer of this client.
+func (c *Client) enqueueLocked(key Key, mk string, wait, cleanup bool) (*keyState, *waiter, error) {
+	ks := c.keys[mk]
+	if ks == nil {
+		ks = &keyState{}
+		c.keys[mk] = ks
+	}
+	if !wait && ks.busyLocked() {
+		return nil, nil, c.lockedByUsLocked(key, ks)
+	}
+	w := &waiter{turn: make(chan struct{}), cleanup: cleanup}
+	ks.queue = append(ks.queue, w)
+	if len(ks.queue) == 1 {
+		close(w.turn)
+	}
+	return ks, w, nil
+}
+
+// awaitTurn blocks until w heads its queue, ctx is done or the client closes.
+func (c *Client) awaitTurn(ctx context.Context, w *waiter) error {
+	select {
+	case <-w.turn:
+		return nil
+	case <-ctx.Done():
+		return context.Cause(ctx)
+	case <-c.closing:
+		return ErrClosed
 	}
 }
 
@@ -701,16 +717,7 @@ func (c *Client) cleanupOrphan(key Key, h *holder) {
 		c.mu.Unlock()
 		return // Close deletes every row of the holder
 	}
-	ks := c.keys[mk]
-	if ks == nil {
-		ks = &keyState{}
-		c.keys[mk] = ks
-	}
-	w := &waiter{turn: make(chan struct{}), cleanup: true}
-	ks.queue = append(ks.queue, w)
-	if len(ks.queue) == 1 {
-		close(w.turn)
-	}
+	ks, w, _ := c.enqueueLocked(key, mk, true, true) // never refuses when waiting
 	c.wg.Add(1)
 	c.mu.Unlock()
 	go func() {
