@@ -230,17 +230,7 @@ func (a *Advisory) TryAcquire(ctx context.Context, key Key) (*Lock, error) {
 // Do acquires key on the advisory path, runs fn with a context cancelled if
 // the lock is lost, and releases it, like Client.Do.
 func (a *Advisory) Do(ctx context.Context, key Key, fn func(ctx context.Context) error) error {
-	l, err := a.Acquire(ctx, key)
-	if err != nil {
-		return err
-	}
-	ferr := fn(l.Context())
-	lost := l.Err()
-	rerr := l.Release(context.WithoutCancel(ctx))
-	if errors.Is(lost, ErrLost) {
-		return errors.Join(fmt.Errorf("lease: %s: %w during the critical section", key, ErrLost), ferr)
-	}
-	return errors.Join(ferr, rerr)
+	return runHeld(ctx, key, a.Acquire, fn)
 }
 
 // Result of one advisory attempt that did not acquire.

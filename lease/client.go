@@ -141,7 +141,13 @@ func (c *Client) TryAcquire(ctx context.Context, key Key) (*Lock, error) {
 // lost, and releases the lock. If the lock was lost before fn returned, the
 // error matches ErrLost (joined with fn's own error, if any).
 func (c *Client) Do(ctx context.Context, key Key, fn func(ctx context.Context) error) error {
-	l, err := c.Acquire(ctx, key)
+	return runHeld(ctx, key, c.Acquire, fn)
+}
+
+// runHeld is Do for both modes: acquire, run fn under the lock's context,
+// release, and report a loss during fn as ErrLost.
+func runHeld(ctx context.Context, key Key, acquire func(context.Context, Key) (*Lock, error), fn func(ctx context.Context) error) error {
+	l, err := acquire(ctx, key)
 	if err != nil {
 		return err
 	}
