@@ -102,12 +102,25 @@ func New(pool *pgxpool.Pool, cfg *Config) (*Client, error) {
 	}
 	connCfg := pool.Config().ConnConfig.Copy()
 	c.disp = dispatch.New(dispatch.Config{
-		Connect:  func(ctx context.Context) (*pgx.Conn, error) { return pgx.ConnectConfig(ctx, connCfg) },
-		Channel:  channelName(rc.Schema),
-		OnDelete: c.onRowDeleted,
-		Logger:   rc.Logger,
+		Connect:     func(ctx context.Context) (*pgx.Conn, error) { return pgx.ConnectConfig(ctx, connCfg) },
+		Channel:     channelName(rc.Schema),
+		AfterListen: c.markListening,
+		OnDelete:    c.onRowDeleted,
+		Logger:      rc.Logger,
 	})
 	return c, nil
+}
+
+// markListening registers the LISTEN connection as a listener, so that
+// advisory releases, which are announced only while someone listens, are
+// announced to it. A schema made before mark_listening existed (an early
+// pre-release) lacks the function, and announces every release anyway.
+func (c *Client) markListening(ctx context.Context, conn *pgx.Conn) error {
+	_, err := conn.Exec(ctx, c.q.markListening)
+	if pgErr, ok := errors.AsType[*pgconn.PgError](err); ok && pgErr.Code == "42883" { // undefined_function
+		return nil
+	}
+	return err
 }
 
 // Config returns the client's configuration with defaults filled in.

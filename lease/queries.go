@@ -17,6 +17,9 @@ type queries struct {
 	dropHolder string
 	dropOrphan string
 	fence      string
+	// markListening registers a LISTEN connection as a listener (schema
+	// version 3), so that advisory releases announce themselves to it.
+	markListening string
 }
 
 func newQueries(schema string) queries {
@@ -36,6 +39,8 @@ func newQueries(schema string) queries {
 			DELETE FROM ` + s + `.holders WHERE id = $1`,
 		dropOrphan: `DELETE FROM ` + s + `.locks WHERE name = $1 AND entity_id = $2 AND holder_id = $3`,
 		fence:      `SELECT ` + s + `.fence($1, $2, $3)`,
+
+		markListening: `SELECT ` + s + `.mark_listening()`,
 	}
 }
 

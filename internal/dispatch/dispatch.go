@@ -39,6 +39,12 @@ type Config struct {
 	Connect func(ctx context.Context) (*pgx.Conn, error)
 	// Channel is the notification channel.
 	Channel string
+	// AfterListen, if set, runs on every new connection after its LISTEN
+	// and before the wake-up that follows a (re)connect, bounded by
+	// ProbeTimeout. An error fails the connection, which is retried. The
+	// lease package registers the connection as a listener here, so that
+	// releases that announce themselves only to listeners reach it.
+	AfterListen func(ctx context.Context, conn *pgx.Conn) error
 	// OnDelete, if set, is called for every deleted lock row announced, from
 	// the dispatcher's goroutine, after the key's waiters were woken. key is
 	// name + "\x00" + id.
@@ -290,6 +296,14 @@ func (d *Dispatcher) session() (ok bool, err error) {
 	}()
 	if _, err := conn.Exec(d.ctx, "LISTEN "+pgx.Identifier{d.cfg.Channel}.Sanitize()); err != nil {
 		return false, err
+	}
+	if d.cfg.AfterListen != nil {
+		ctx, cancel := context.WithTimeout(d.ctx, d.cfg.ProbeTimeout)
+		err := d.cfg.AfterListen(ctx, conn)
+		cancel()
+		if err != nil {
+			return false, err
+		}
 	}
 	// Self-test: our own NOTIFY must come back. Behind a transaction-pooling
 	// proxy it may not.

@@ -17,6 +17,28 @@
 -- handed out in the order the (per-key serialised) acquirers ask for them.
 CREATE SEQUENCE token_seq AS bigint MINVALUE 1 NO CYCLE CACHE 1;
 
+-- The crash guard of token_seq. A sequence logs ahead (once every 32 values),
+-- and a value is safe from being handed out again after a crash only once the
+-- record that covers it is on disk. The table path draws its tokens in durable
+-- transactions, so they are. The advisory path does not wait for that flush
+-- (it would cost a flush per 32 acquisitions while the key is held), so after
+-- a crash token_seq may restart below tokens that were handed out.
+--
+-- This table says that it has not. It is UNLOGGED: PostgreSQL empties it on
+-- crash recovery, and a promoted standby has it empty, while it keeps its row
+-- through a clean restart. Every session checks it before its first draw (see
+-- guard_tokens); a session that finds it empty moves token_seq 2^40 ahead,
+-- durably, before the row is put back. Every token handed out before the crash
+-- is below that: no server draws 2^40 values between two WAL flushes (at a
+-- million draws a second that would take twelve days). A session that saw the
+-- row cannot outlive a crash: every session ends with one. 2^40 per crash
+-- leaves room for eight million crashes in a bigint.
+CREATE UNLOGGED TABLE token_guard (
+    bumped_at timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+-- A new sequence has handed nothing out yet.
+INSERT INTO token_guard DEFAULT VALUES;
+
 -- One row per live client (usually one per process). The heartbeat moves
 -- expires_at forward; once expires_at has passed, the holder is dead for good:
 -- the heartbeat's own WHERE refuses to renew it.
@@ -51,6 +73,47 @@ CREATE INDEX locks_holder_id ON locks (holder_id);
 CREATE FUNCTION channel() RETURNS text
 LANGUAGE sql STABLE AS $$
     SELECT 'pglease_' || md5(current_schema())
+$$;
+-- +goose StatementEnd
+
+-- mark_listening registers the calling session as a listener of channel(),
+-- for the rest of the session: it takes the schema's listener lock in share
+-- mode, the session-level advisory lock on the pair (1885826163,
+-- hashtext(schema)) ('pgls' read as a big-endian integer; the pair form lives
+-- in a key space of its own, objsubid 2 in pg_locks, apart from the bigint
+-- keys that locks use). Releases on the advisory path announce themselves only
+-- while some session holds it (see advisory_release). Call it once per
+-- session, after LISTEN: pglease clients do so on their LISTEN connection.
+-- Deletes of lock rows are announced whether or not anyone listens.
+-- +goose StatementBegin
+CREATE FUNCTION mark_listening() RETURNS void
+LANGUAGE sql AS $$
+    SELECT pg_advisory_lock_shared(1885826163, hashtext(current_schema()))
+$$;
+-- +goose StatementEnd
+
+-- guard_tokens makes token_seq safe to draw from in the calling session (see
+-- token_guard): when the guard row is missing (after a crash, or on a promoted
+-- standby) it moves the sequence 2^40 ahead and puts the row back, in a
+-- transaction that commits durably. It then records in the session setting
+-- pglease.guard_<md5(schema)> that this session need not look again. Call it
+-- before drawing from token_seq; acquire and advisory_acquire do.
+-- +goose StatementBegin
+CREATE FUNCTION guard_tokens() RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM token_guard) THEN
+        -- One bump per crash: bumpers queue here ('pglg' and the schema's hash).
+        PERFORM pg_advisory_xact_lock(1885826151, hashtext(current_schema()));
+        IF NOT EXISTS (SELECT FROM token_guard) THEN
+            PERFORM setval('token_seq', nextval('token_seq') + 1099511627776);
+            INSERT INTO token_guard DEFAULT VALUES;
+            PERFORM set_config('synchronous_commit', 'on', true);
+        END IF;
+    END IF;
+    -- Session-level, but undone if this transaction fails.
+    PERFORM set_config('pglease.guard_' || md5(current_schema()), 'on', false);
+END
 $$;
 -- +goose StatementEnd
 
@@ -162,6 +225,9 @@ BEGIN
         RETURN;
     END IF;
 
+    IF current_setting('pglease.guard_' || md5(current_schema()), true) IS DISTINCT FROM 'on' THEN
+        PERFORM guard_tokens();
+    END IF;
     RETURN QUERY
         INSERT INTO locks AS l (name, entity_id, token, holder_id)
         VALUES (p_name, p_id, nextval('token_seq'), p_holder)
@@ -324,7 +390,8 @@ DECLARE
 BEGIN
     FOREACH f IN ARRAY ARRAY['channel()', 'key_hash(text,text)', 'acquire(text,text,bigint)',
                              'release(text,text,bigint)', 'renew(bigint)', 'holds(text,text,bigint)',
-                             'fence(text,text,bigint)', 'notify_deleted()'] LOOP
+                             'fence(text,text,bigint)', 'notify_deleted()',
+                             'mark_listening()', 'guard_tokens()'] LOOP
         EXECUTE format('ALTER FUNCTION %s SET search_path = %I, pg_catalog, pg_temp', f, current_schema());
     END LOOP;
 END
@@ -343,7 +410,10 @@ DROP FUNCTION release(text, text, bigint);
 DROP FUNCTION renew(bigint);
 DROP FUNCTION acquire(text, text, bigint);
 DROP FUNCTION key_hash(text, text);
+DROP FUNCTION guard_tokens();
+DROP FUNCTION mark_listening();
 DROP FUNCTION channel();
 DROP TABLE locks;
 DROP TABLE holders;
+DROP TABLE token_guard;
 DROP SEQUENCE token_seq;
