@@ -924,19 +924,20 @@ func (h *advHold) release(ctx context.Context, l *Lock) error {
 			defer a.wg.Done()
 			defer a.use(s, -1)
 			if s.lockConn(context.Background()) == nil {
-				h.unlock(l)
+				ctx, cancel := context.WithTimeout(context.Background(), c.cfg.ReleaseTimeout)
+				defer cancel()
+				h.unlock(ctx, l)
 			}
 		}()
 		return fmt.Errorf("lease: release %s: its connection is busy with a transaction; released when that ends: %w", l.key, err)
 	}
-	return h.unlock(l)
+	return h.unlock(rctx, l)
 }
 
-// unlock sends advisory_release; the caller holds the connection.
-func (h *advHold) unlock(l *Lock) error {
+// unlock sends advisory_release, bounded by ctx; the caller holds the
+// connection.
+func (h *advHold) unlock(ctx context.Context, l *Lock) error {
 	a, s, c := h.a, h.s, h.a.c
-	ctx, cancel := context.WithTimeout(context.Background(), c.cfg.ReleaseTimeout)
-	defer cancel()
 	var released bool
 	err := s.conn.QueryRow(ctx, a.q.release, l.key.Name, l.key.ID, h.k, l.token).Scan(&released)
 	s.unlockConn()

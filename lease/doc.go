@@ -30,6 +30,11 @@
 //     ends. A write fenced this way never lands after the lock passed on.
 //   - Acquire commits durably. Release commits asynchronously: a release lost in
 //     a server crash only keeps a free key locked until its holder expires.
+//   - A token is never handed out twice, not even across a crash. The advisory
+//     mode draws its tokens without waiting for a WAL flush; after a crash (or
+//     a standby's promotion) the first draw moves the sequence 2^40 ahead,
+//     past anything handed out before, so tokens may jump but never repeat or
+//     go back.
 //   - Mutual exclusion never depends on notifications: they only wake waiters
 //     early. A missed one costs latency (PollInterval), never correctness.
 //

@@ -89,7 +89,7 @@ var rows = []row{
 	{"Hold10000", "… Go heap per held lock, bytes", "heap_B/lock", "", "", "≤ 1024", atMost(1024)},
 	{"AdvisoryUncontended", "advisory Acquire+Release, µs", "acquire_us", "pg_advisory_lock+unlock pair", "raw_us", "≤ 1.15 × raw", ratioAtMost(1.15)},
 	{"AdvisoryUncontended", "advisory TryAcquire+Release, µs", "try_us", "pg_advisory_lock+unlock pair", "raw_us", "", nil},
-	{"AdvisoryUncontended", "advisory Acquire+Release, µs", "acquire_us", "pair + nextval + pg_notify", "raw_token_us", "", nil},
+	{"AdvisoryUncontended", "advisory Acquire+Release, µs", "acquire_us", "pair + durable nextval + pg_notify", "raw_token_us", "", nil},
 	{"AdvisoryOneKey8Clients", "advisory, 1 key, 8 clients, hold 0: handoffs/s", "handoffs/s", "advisory lock, 8 conns", "raw_handoffs/s", "≥ 0.8 × raw", ratioAtLeast(0.8)},
 	{"AdvisoryOneKey8Clients", "… handoff p99, ms", "p99_ms", "advisory lock, 8 conns", "raw_p99_ms", "", nil},
 	{"AdvisoryOneKey8Clients", "… smallest client share / mean", "min_share", "", "", "", nil},

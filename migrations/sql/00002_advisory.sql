@@ -121,11 +121,6 @@ BEGIN
             pg_catalog.current_setting('transaction_isolation')
             USING ERRCODE = '55L03';
     END IF;
-    IF pg_catalog.current_setting('@guard@', true) IS DISTINCT FROM 'on' THEN
-        PERFORM @schema@.guard_tokens(); -- once per session; durable if it bumps
-    ELSE
-        b := pg_catalog.set_config('synchronous_commit', 'off', true) IS NOT NULL;
-    END IF;
     IF p_wait THEN
         b := pg_catalog.pg_advisory_lock(p_key) IS NOT NULL;
     ELSIF NOT pg_catalog.pg_try_advisory_lock(p_key) THEN
@@ -140,6 +135,13 @@ BEGIN
             b := pg_catalog.pg_advisory_unlock(p_key);
             RETURN res;
         END IF;
+    END IF;
+    -- After the wait, not before: a bump holds guard_tokens' lock until this
+    -- transaction ends, and must not hold it through a wait for the key.
+    IF pg_catalog.current_setting('@guard@', true) IS DISTINCT FROM 'on' THEN
+        PERFORM @schema@.guard_tokens(); -- once per session; durable if it bumps
+    ELSE
+        b := pg_catalog.set_config('synchronous_commit', 'off', true) IS NOT NULL;
     END IF;
     RETURN pg_catalog.nextval('@schema@.token_seq'::regclass);
 END
