@@ -28,7 +28,10 @@
 -- below creates them with every name written out: this schema's objects
 -- qualified with its name (the @schema@ placeholder), PostgreSQL's own with
 -- pg_catalog, and the channel name and listener lock pair as constants
--- (@channel@ is channel(), @listener@ is hashtext(schema), @guard@ the
+-- (@channel@ is channel(), @listener@ the call hashtext(schema) with the
+-- schema's name as a literal, which the planner folds into a constant while
+-- mark_listening computes the same at run time, so the two agree even if a
+-- PostgreSQL upgrade changed hashtext; @guard@ the
 -- setting that guard_tokens sets). They read the same as the other functions
 -- otherwise.
 --
@@ -178,7 +181,7 @@ LANGUAGE sql AS $$
                  pg_catalog.json_build_array(pg_catalog.json_build_array(p_name, p_id, p_token))::text) IS NOT NULL
     END
 $$
-$f$, '@schema@', s), '@listener@', hashtext(current_schema())::text), '@channel@', channel());
+$f$, '@schema@', s), '@listener@', 'pg_catalog.hashtext(' || quote_literal(current_schema()) || ')'), '@channel@', channel());
 END
 $gen$;
 -- +goose StatementEnd
