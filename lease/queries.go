@@ -17,8 +17,8 @@ type queries struct {
 	dropHolder string
 	dropOrphan string
 	fence      string
-	// markListening registers a LISTEN connection as a listener (schema
-	// version 3), so that advisory releases announce themselves to it.
+	// markListening registers a LISTEN connection as a listener, so that
+	// advisory releases announce themselves to it.
 	markListening string
 }
 
