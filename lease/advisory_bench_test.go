@@ -31,10 +31,7 @@ import (
 func BenchmarkAdvisoryUncontended(b *testing.B) {
 	e := newBench(b)
 	c := e.client(lease.Config{}, 4, nil)
-	a, err := c.Advisory(nil)
-	if err != nil {
-		b.Fatal(err)
-	}
+	a := c.Advisory()
 	rawConn, err := pgx.Connect(e.ctx, e.cl.URL())
 	if err != nil {
 		b.Fatal(err)
@@ -171,11 +168,7 @@ func BenchmarkAdvisoryOneKey8Clients(b *testing.B) {
 	advs := make([]*lease.Advisory, n)
 	conns := make([]*pgx.Conn, n)
 	for i := range advs {
-		a, err := e.client(lease.Config{}, 2, nil).Advisory(nil)
-		if err != nil {
-			b.Fatal(err)
-		}
-		advs[i] = a
+		advs[i] = e.client(lease.Config{}, 2, nil).Advisory()
 		conn, err := pgx.Connect(e.ctx, cl.URL())
 		if err != nil {
 			b.Fatal(err)

@@ -27,12 +27,9 @@ import (
 // advisory returns an Advisory of a new client of e.
 func (e *env) advisory(cfg lease.Config, acfg lease.AdvisoryConfig) (*lease.Advisory, *lease.Client, *pgxpool.Pool) {
 	e.t.Helper()
+	cfg.Advisory = acfg
 	c, pool, _ := e.client(cfg)
-	a, err := c.Advisory(&acfg)
-	if err != nil {
-		e.t.Fatalf("Advisory: %v", err)
-	}
-	return a, c, pool
+	return c.Advisory(), c, pool
 }
 
 // waitingOn counts backends waiting in the server for the advisory key k.
@@ -160,7 +157,7 @@ func TestAdvisoryBasics(t *testing.T) {
 	if err := tl.Release(e.ctx); err != nil {
 		t.Fatal(err)
 	}
-	err = b.Do(e.ctx, k, func(ctx context.Context) error { return nil })
+	err = b.Do(e.ctx, k, func(context.Context, *lease.Lock) error { return nil })
 	if err != nil {
 		t.Fatalf("Do: %v", err)
 	}
@@ -187,10 +184,9 @@ func TestAdvisoryBasics(t *testing.T) {
 func TestAdvisoryConfig(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
-	c, _, _ := e.client(lease.Config{})
 	for _, cfg := range []lease.AdvisoryConfig{{MaxConns: -1}, {CheckInterval: time.Millisecond}, {CheckInterval: -time.Second}} {
-		if _, err := c.Advisory(&cfg); !errors.Is(err, lease.ErrInvalidConfig) {
-			t.Errorf("Advisory(%+v) = %v, want ErrInvalidConfig", cfg, err)
+		if _, err := lease.New(e.db.Pool, &lease.Config{Schema: e.db.Schema, Advisory: cfg}); !errors.Is(err, lease.ErrInvalidConfig) {
+			t.Errorf("New with Advisory %+v = %v, want ErrInvalidConfig", cfg, err)
 		}
 	}
 }
@@ -795,15 +791,12 @@ func TestAdvisoryNetworkCut(t *testing.T) {
 		c.ConnConfig.Fallbacks = nil
 		c.MaxConns = 2
 	})
-	c, err := lease.New(pool, &lease.Config{Schema: e.db.Schema})
+	c, err := lease.New(pool, &lease.Config{Schema: e.db.Schema, Advisory: lease.AdvisoryConfig{CheckInterval: interval, MaxConns: 2}})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = c.Close(context.Background()) })
-	a, err := c.Advisory(&lease.AdvisoryConfig{CheckInterval: interval, MaxConns: 2})
-	if err != nil {
-		t.Fatal(err)
-	}
+	a := c.Advisory()
 	var locks []*lease.Lock
 	for i := range 6 {
 		locks = append(locks, mustAdvisory(t, e.ctx, a, lease.Key{Name: "cut", ID: strconv.Itoa(i)}))
@@ -1111,10 +1104,7 @@ func TestAdvisoryBehindPgBouncer(t *testing.T) {
 	}
 
 	c := newClient(0)
-	a, err := c.Advisory(nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	a := c.Advisory()
 	k := lease.Key{Name: "bouncer", ID: "1"}
 	for range 2 { // refused at once the second time
 		l, err := a.TryAcquire(e.ctx, k)

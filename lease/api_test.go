@@ -35,7 +35,7 @@ func TestBadInput(t *testing.T) {
 		for op, f := range map[string]func() error{
 			"Acquire":    func() error { _, err := c.Acquire(e.ctx, tc.key); return err },
 			"TryAcquire": func() error { _, err := c.TryAcquire(e.ctx, tc.key); return err },
-			"Do":         func() error { return c.Do(e.ctx, tc.key, func(context.Context) error { return nil }) },
+			"Do":         func() error { return c.Do(e.ctx, tc.key, func(context.Context, *lease.Lock) error { return nil }) },
 		} {
 			err := f()
 			var ke *lease.KeyError
@@ -89,8 +89,9 @@ func TestBadInput(t *testing.T) {
 			t.Errorf("%s: err = %v, want it to match ErrInvalidSchema", tc.name, err)
 		}
 	}
-	if _, err := lease.New(nil, nil); err == nil || !strings.Contains(err.Error(), "pool is nil") {
-		t.Errorf("nil pool: %v", err)
+	var ce *lease.ConfigError
+	if _, err := lease.New(nil, nil); !errors.Is(err, lease.ErrInvalidConfig) || !errors.As(err, &ce) || ce.Field != "pool" {
+		t.Errorf("nil pool: %v, want a *ConfigError on pool matching ErrInvalidConfig", err)
 	}
 	// A zero Config is valid.
 	if _, err := lease.New(e.db.Pool, nil); err != nil {
@@ -205,7 +206,7 @@ func TestDo(t *testing.T) {
 	c, _, _ := e.client(lease.Config{})
 	k := lease.Key{Name: "do", ID: "1"}
 	ran := false
-	if err := c.Do(e.ctx, k, func(ctx context.Context) error {
+	if err := c.Do(e.ctx, k, func(ctx context.Context, _ *lease.Lock) error {
 		ran = true
 		if ctx.Err() != nil {
 			t.Error("ctx done inside the critical section")
@@ -218,10 +219,10 @@ func TestDo(t *testing.T) {
 		t.Fatalf("%d rows after Do", n)
 	}
 	boom := errors.New("boom")
-	if err := c.Do(e.ctx, k, func(context.Context) error { return boom }); !errors.Is(err, boom) {
+	if err := c.Do(e.ctx, k, func(context.Context, *lease.Lock) error { return boom }); !errors.Is(err, boom) {
 		t.Fatalf("Do = %v, want the function's error", err)
 	}
-	err := c.Do(e.ctx, k, func(ctx context.Context) error {
+	err := c.Do(e.ctx, k, func(ctx context.Context, _ *lease.Lock) error {
 		e.exec("DELETE FROM "+e.table("locks")+" WHERE name = $1", k.Name)
 		<-ctx.Done() // cancelled by the loss
 		return ctx.Err()

@@ -1,7 +1,6 @@
 package lease
 
 import (
-	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -16,7 +15,7 @@ import (
 // Defaults. A zero Config uses all of them.
 const (
 	// SchemaDefault is the schema the tables and functions live in.
-	SchemaDefault = ident.DefaultSchema
+	SchemaDefault = "lease"
 	// TTLDefault is the lease duration of a holder.
 	TTLDefault = 30 * time.Second
 	// PollIntervalDefault is the fallback poll of a waiting Acquire.
@@ -78,6 +77,10 @@ type Config struct {
 
 	// Logger receives the client's log records. Defaults to discarding them.
 	Logger *slog.Logger
+
+	// Advisory configures the advisory fast path (Client.Advisory). Defaults:
+	// see AdvisoryConfig.
+	Advisory AdvisoryConfig
 }
 
 // resolve returns a copy of cfg with defaults filled in, or a *ConfigError.
@@ -149,6 +152,11 @@ func (cfg *Config) resolve() (Config, error) {
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
 	}
+	adv, err := c.Advisory.resolve()
+	if err != nil {
+		return c, err
+	}
+	c.Advisory = adv
 	return c, nil
 }
 
@@ -164,4 +172,4 @@ func checkOwner(field, s string) error {
 	return nil
 }
 
-var errNilPool = errors.New("lease: pool is nil: pass a *pgxpool.Pool from pgxpool.New")
+var errNilPool = &ConfigError{"pool", "is nil: pass a *pgxpool.Pool from pgxpool.New"}

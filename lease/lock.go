@@ -8,7 +8,6 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgconn"
 )
 
 // Lock is a held lock. It stays held until Release, Client.Close, or loss.
@@ -17,20 +16,49 @@ import (
 // longer than the TTL, or someone deleted the row. Done and Context tell you
 // at once; Fence makes a write in your own transaction safe even when you
 // could not have known in time.
+//
+// A Lock ends once, for one reason, and every method tells the same story:
+// Err, the cause of Context and what Release returns agree.
 type Lock struct {
 	c          *Client
-	h          *holder
+	mode       heldMode // the table or the advisory path
 	key        Key
 	token      int64
 	acquiredAt time.Time
-	seq        uint64   // registration order within the holder
-	adv        *advHold // advisory locks only (h is nil then)
 
 	ctx    context.Context
 	cancel context.CancelCauseFunc
 
+	// releasing is set (under Client.mu) when Release starts: the deletion of
+	// its own row, announced or found by the heartbeat, is then no loss.
+	releasing bool
+
 	once   sync.Once
 	relErr error
+}
+
+// heldMode is what a Lock does differently on each path.
+type heldMode interface {
+	// release lets go of the lock in the database, bounded by ctx. deleted is
+	// false when the database no longer had it (taken over or deleted
+	// before). An error means the outcome is unknown and the mode retries in
+	// the background.
+	release(ctx context.Context, l *Lock) (deleted bool, err error)
+	// fence guards tx (see Lock.Fence); l is known to be held.
+	fence(ctx context.Context, l *Lock, tx pgx.Tx) error
+	// beginTxFunc runs fn in a transaction fenced by l (see Lock.BeginTxFunc).
+	beginTxFunc(ctx context.Context, l *Lock, opts pgx.TxOptions, fn func(pgx.Tx) error) error
+	// holderID is the holder row's id, 0 when the path has none.
+	holderID() int64
+	// goneReason is why a lock that release found gone was lost.
+	goneReason() LossReason
+}
+
+func newLock(c *Client, m heldMode, key Key, token int64, acquiredAt time.Time) *Lock {
+	l := &Lock{c: c, mode: m, key: key, token: token, acquiredAt: acquiredAt}
+	ctx, cancel := context.WithCancelCause(context.Background())
+	l.ctx, l.cancel = withHeld(ctx, l), cancel
+	return l
 }
 
 // Key returns the locked key.
@@ -47,11 +75,12 @@ func (l *Lock) AcquiredAt() time.Time { return l.acquiredAt }
 
 // HolderID is the id of the holder row this lock belongs to (0 for an
 // advisory lock, which has none).
-func (l *Lock) HolderID() int64 {
-	if l.h == nil {
-		return 0
-	}
-	return l.h.id
+func (l *Lock) HolderID() int64 { return l.mode.holderID() }
+
+// Advisory reports whether l was acquired on the advisory path.
+func (l *Lock) Advisory() bool {
+	_, ok := l.mode.(*advisoryLock)
+	return ok
 }
 
 // Done is closed when the lock is no longer held: lost, released, or its
@@ -59,10 +88,14 @@ func (l *Lock) HolderID() int64 {
 func (l *Lock) Done() <-chan struct{} { return l.ctx.Done() }
 
 // Context returns a context cancelled when Done closes; its cause
-// (context.Cause) is ErrLost, ErrReleased or ErrClosed.
+// (context.Cause) is a *LostError (matching ErrLost), ErrReleased or
+// ErrClosed. An acquire of the same key by the same Client with this context
+// (or one derived from it) is refused at once with ErrAlreadyHeld: it would
+// wait for its own release.
 func (l *Lock) Context() context.Context { return l.ctx }
 
-// Err is nil while the lock is held, else ErrLost, ErrReleased or ErrClosed.
+// Err is nil while the lock is held, else a *LostError (matching ErrLost),
+// ErrReleased or ErrClosed.
 func (l *Lock) Err() error {
 	if l.ctx.Err() == nil {
 		return nil
@@ -70,58 +103,59 @@ func (l *Lock) Err() error {
 	return context.Cause(l.ctx)
 }
 
-// Release deletes the lock's row, only if it still carries this lock's token:
-// a late release never deletes the next holder's lock. It is idempotent,
-// returns what the first call returned, and works even when ctx is already
-// done (it then takes at most Config.ReleaseTimeout). It returns an error
-// matching ErrLost if the lock had been lost before. If the database cannot be
-// reached, the release is retried in the background after each heartbeat.
+// lose ends l as lost for reason (a no-op if it ended already) and logs it.
+func (l *Lock) lose(reason LossReason, err error) {
+	if l.ctx.Err() != nil {
+		return
+	}
+	l.c.log.Warn("pglease: lock lost", "name", l.key.Name, "id", l.key.ID, "token", l.token, "reason", reason.String())
+	l.cancel(&LostError{Key: l.key, Token: l.token, Reason: reason, Err: err})
+}
+
+// Release lets go of the lock: it deletes the lock's row only if it still
+// carries this lock's token (a late release never deletes the next holder's
+// lock), or unlocks the advisory lock on its own connection. It is
+// idempotent, returns what the first call returned, and works even when ctx
+// is already done (it then takes at most Config.ReleaseTimeout).
+//
+// It returns nil when the lock was released, by this call or by
+// Client.Close; an error matching ErrLost (wrapping the same *LostError that
+// Err returns) when the lock had been lost before; any other error when the
+// database could not be reached, in which case the release is retried in the
+// background after each heartbeat.
 func (l *Lock) Release(ctx context.Context) error {
 	l.once.Do(func() { l.relErr = l.release(ctx) })
 	return l.relErr
 }
 
 func (l *Lock) release(ctx context.Context) error {
-	if l.adv != nil {
-		return l.adv.release(ctx, l)
-	}
 	c := l.c
-	l.cancel(ErrReleased) // no-op if it was lost or closed first
-	if cause := context.Cause(l.ctx); !errors.Is(cause, ErrReleased) {
-		if errors.Is(cause, ErrClosed) {
-			return nil
-		}
-		// Lost. The row, if still there, is deleted by token: harmless.
-		c.bestEffortRelease(l)
-		return fmt.Errorf("lease: release %s: %w before release", l.key, ErrLost)
-	}
-	// This client's next acquirer of the key waits until the row is gone
-	// (dropLocked below), so it never races its own release.
-	rctx, cancel := releaseContext(ctx, c.cfg.ReleaseTimeout)
-	defer cancel()
-	var deleted bool
-	err := c.pool.QueryRow(rctx, c.q.release, l.key.Name, l.key.ID, l.token).Scan(&deleted)
 	c.mu.Lock()
-	c.dropLocked(l)
-	if err != nil && !l.h.lost {
-		l.h.pending[l.token] = l.key
-	}
+	ended := l.ctx.Err() != nil
+	l.releasing = true
 	c.mu.Unlock()
-	if err != nil {
-		return fmt.Errorf("lease: release %s (retried in the background; the row expires with the holder otherwise): %w", l.key, err)
+	if !ended {
+		rctx, cancel := releaseContext(ctx, c.cfg.ReleaseTimeout)
+		deleted, err := l.mode.release(rctx, l)
+		cancel()
+		switch {
+		case err != nil:
+			l.cancel(ErrReleased)
+			if errors.Is(context.Cause(l.ctx), ErrReleased) {
+				return fmt.Errorf("lease: release %s (retried in the background; the row expires with the holder otherwise): %w", l.key, err)
+			}
+		case deleted:
+			l.cancel(ErrReleased)
+		default:
+			l.lose(l.mode.goneReason(), nil) // taken over, deleted or dropped before we knew
+		}
 	}
-	if !deleted {
-		// The row was gone or carried another token: taken over or deleted
-		// before we knew.
-		return fmt.Errorf("lease: release %s: %w before release (the row was gone)", l.key, ErrLost)
+	switch cause := context.Cause(l.ctx); {
+	case errors.Is(cause, ErrLost):
+		return fmt.Errorf("lease: release %s: %w", l.key, cause)
+	default: // ErrReleased, or ErrClosed: Close released it
+		return nil
 	}
-	return nil
-}
-
-func (c *Client) bestEffortRelease(l *Lock) {
-	ctx, cancel := context.WithTimeout(context.Background(), c.cfg.ReleaseTimeout)
-	defer cancel()
-	_, _ = c.pool.Exec(ctx, c.q.release, l.key.Name, l.key.ID, l.token)
 }
 
 // releaseContext is ctx without its cancellation, bounded by timeout.
@@ -138,18 +172,36 @@ func releaseContext(ctx context.Context, timeout time.Duration) (context.Context
 // An advisory lock fences only a transaction on its own connection (see
 // BeginTxFunc), and fails with ErrNotFenceable for any other.
 func (l *Lock) Fence(ctx context.Context, tx pgx.Tx) error {
-	if l.adv != nil {
-		return l.adv.fence(l, tx)
-	}
 	if err := l.Err(); err != nil {
-		return fmt.Errorf("lease: fence %s token %d: %w", l.key, l.token, ErrLost)
+		return fmt.Errorf("lease: fence %s token %d: %w", l.key, l.token, l.endedError(err))
 	}
-	if _, err := tx.Exec(ctx, l.c.q.fence, l.key.Name, l.key.ID, l.token); err != nil {
-		var pgErr *pgconn.PgError
-		if errors.As(err, &pgErr) && pgErr.Code == SQLStateNotHeld {
-			return fmt.Errorf("lease: fence %s token %d: %w (%w)", l.key, l.token, ErrLost, err)
-		}
-		return fmt.Errorf("lease: fence %s: %w", l.key, err)
+	return l.mode.fence(ctx, l, tx)
+}
+
+// endedError is err (the lock's cause) as a fence or a transaction reports
+// it: a lock that was released or closed is no longer held either, so every
+// such error matches ErrLost as well as its cause.
+func (l *Lock) endedError(cause error) error {
+	if errors.Is(cause, ErrLost) {
+		return cause
 	}
-	return nil
+	return fmt.Errorf("%w (%w)", ErrLost, cause)
+}
+
+// BeginTxFunc runs fn in a transaction that is fenced by the lock, and commits
+// it if fn returns nil (else rolls it back), like pgx.BeginTxFunc.
+//
+// A table-mode lock runs it on a pool connection and calls Fence first. An
+// advisory lock runs it on its own pinned connection: if that connection is
+// gone, so is the transaction, and the lock cannot be released until fn
+// returns, so the write can never land after the lock passed on. The
+// connection is shared with the Client's other advisory locks on it, whose
+// releases wait for fn: keep it short. When ctx is done a statement of fn is
+// cancelled in the server and the connection stays. Its default isolation
+// level is READ COMMITTED.
+func (l *Lock) BeginTxFunc(ctx context.Context, opts pgx.TxOptions, fn func(pgx.Tx) error) error {
+	if err := l.Err(); err != nil {
+		return fmt.Errorf("lease: %s: %w", l.key, l.endedError(err))
+	}
+	return l.mode.beginTxFunc(ctx, l, opts, fn)
 }

@@ -34,7 +34,7 @@ func newQueries(schema string) queries {
 			FROM ` + s + `.acquire($1, $2, $3)`,
 		release: `SELECT ` + s + `.release($1, $2, $3)`,
 		renew:   `SELECT alive, locks, tokens_xor FROM ` + s + `.renew($1)`,
-		verify:  `SELECT token FROM ` + s + `.locks WHERE holder_id = $1 AND token = ANY($2)`,
+		verify:  `SELECT name, entity_id, token FROM ` + s + `.locks WHERE holder_id = $1`,
 		dropHolder: `WITH l AS (DELETE FROM ` + s + `.locks WHERE holder_id = $1)
 			DELETE FROM ` + s + `.holders WHERE id = $1`,
 		dropOrphan: `DELETE FROM ` + s + `.locks WHERE name = $1 AND entity_id = $2 AND holder_id = $3`,

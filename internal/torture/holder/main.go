@@ -127,6 +127,7 @@ func run(cfg config) int {
 		// quickly (and are retried, or expire with the holder).
 		ReleaseTimeout: cfg.ttl / 10,
 		Owner:          lease.Owner{Application: "torture-" + cfg.proc},
+		Advisory:       lease.AdvisoryConfig{CheckInterval: cfg.check},
 		Logger:         log.With("proc", cfg.proc),
 	})
 	if err != nil {
@@ -140,10 +141,7 @@ func run(cfg config) int {
 		avoid: map[string]time.Time{},
 	}
 	if cfg.mode != "table" {
-		if p.adv, err = client.Advisory(&lease.AdvisoryConfig{CheckInterval: cfg.check}); err != nil {
-			fmt.Fprintln(os.Stderr, "holder:", err)
-			return 2
-		}
+		p.adv = client.Advisory()
 	}
 	for stop.Err() == nil {
 		p.round(stop)

@@ -1,0 +1,87 @@
+package lease
+
+import "context"
+
+// Clean-ups: rows of this client's holder that it does not hold (orphans)
+// and releases that failed. Each runs in the background, bounded by
+// ReleaseTimeout, and is tried again after each renewal until it succeeds or
+// the holder is gone: a row of a live holder does not expire by itself.
+
+// cleanupOrphan deletes the row of key that h may have but the client does
+// not hold: left by an acquire whose reply was lost, or whose statement went
+// on after its ctx ended, or brought back by a crash that undid a release. It
+// queues as a waiter on the key, so that no acquirer of this client runs
+// meanwhile, and deletes only if the client then holds no lock on the key (a
+// later acquire replaces an orphan itself). If the delete fails, it is tried
+// again after each renewal until it succeeds, the client acquires the key, or
+// the holder is lost; one that commits before a late insert is caught by the
+// heartbeat's count (see verify).
+func (c *Client) cleanupOrphan(key Key, h *holder) {
+	mk := key.mapKey()
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return // Close deletes every row of the holder
+	}
+	ks, w, _ := c.enqueueLocked(key, mk, true, true) // never refuses a clean-up
+	c.wg.Add(1)
+	c.mu.Unlock()
+	go func() {
+		defer c.wg.Done()
+		defer c.leave(mk, ks, w)
+		select {
+		case <-w.turn:
+		case <-c.closing:
+			return
+		}
+		c.mu.Lock()
+		skip := ks.held != nil || h.lost
+		if skip {
+			// Held: that acquire replaced the orphan. Lost: the rows go
+			// with the holder.
+			delete(h.orphans, mk)
+		}
+		c.mu.Unlock()
+		if skip {
+			return
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), c.cfg.ReleaseTimeout)
+		defer cancel()
+		_, err := c.pool.Exec(ctx, c.q.dropOrphan, key.Name, key.ID, h.id)
+		c.mu.Lock()
+		if err != nil && !h.lost {
+			// The holder lives on, and so would the orphan: nobody else
+			// could take the key while this client never asks for it again.
+			h.orphans[mk] = key
+		} else {
+			delete(h.orphans, mk)
+		}
+		c.mu.Unlock()
+		if err != nil {
+			c.log.Debug("pglease: orphan clean-up failed; retried after the next renewal", "name", key.Name, "id", key.ID, "error", err)
+		}
+	}()
+}
+
+// retryRelease deletes again the row of a release that failed.
+func (c *Client) retryRelease(h *holder, k Key, token int64) {
+	ctx, cancel := context.WithTimeout(context.Background(), c.cfg.ReleaseTimeout)
+	defer cancel()
+	if _, err := c.pool.Exec(ctx, c.q.release, k.Name, k.ID, token); err != nil {
+		return
+	}
+	c.mu.Lock()
+	delete(h.pending, token)
+	c.mu.Unlock()
+}
+
+// releaseInBackground deletes the row of key with token, best effort.
+func (c *Client) releaseInBackground(key Key, token int64) {
+	c.wg.Add(1)
+	go func() {
+		defer c.wg.Done()
+		ctx, cancel := context.WithTimeout(context.Background(), c.cfg.ReleaseTimeout)
+		defer cancel()
+		_, _ = c.pool.Exec(ctx, c.q.release, key.Name, key.ID, token)
+	}()
+}

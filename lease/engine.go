@@ -1,0 +1,354 @@
+package lease
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/pglease/pglease/internal/dispatch"
+)
+
+// The acquire engine: every acquire, on either path, goes through acquire
+// below. It queues the caller behind this client's other acquirers of the
+// key (one database attempt per wake-up, in FIFO order), makes the attempt
+// through the path's acquireMode, and waits for a release notification, the
+// holder's expiry or the fallback poll between attempts. A new path or lock
+// kind implements acquireMode; it does not copy this loop.
+
+// acquireMode is what the engine needs from a path.
+type acquireMode interface {
+	// usableLocked returns an error when the path cannot be used at all
+	// (closed, refused behind a proxy). Client.mu is held.
+	usableLocked() error
+	// attempt asks the database once. It returns the lock, registered as
+	// held in ks, or a *LockedError saying why not, or an error; errRetry
+	// asks the engine to try again at once. wait says whether the caller
+	// would wait (a path may then wait in the server).
+	attempt(ctx context.Context, key Key, ks *keyState, wait bool) (*Lock, *LockedError, error)
+	// explain returns the error TryAcquire reports for a refusal, looking
+	// up more about the holder if that is cheap.
+	explain(ctx context.Context, e *LockedError) error
+	// subscribeFirst: a waiting acquirer subscribes to release notifications
+	// before its first attempt (else only after a refusal, then asking again
+	// at once, so that a path that waits in the server never needs LISTEN).
+	subscribeFirst() bool
+	// busyRetry is how soon a waiter that found the key busy (being changed
+	// right now) looks again when no notification wakes it first.
+	busyRetry() time.Duration
+}
+
+// keyState serialises this client's acquirers of one key: they queue in FIFO
+// order and only the head asks the database, once per wake-up. Fields are
+// guarded by Client.mu.
+type keyState struct {
+	held  *Lock         // this client's lock on the key, in either mode
+	free  chan struct{} // closed when held is cleared
+	queue []*waiter
+}
+
+type waiter struct {
+	turn    chan struct{}
+	cleanup bool // an orphan clean-up, not an acquirer
+}
+
+// wantedLocked reports whether an acquirer of this client queues for the key.
+// Orphan clean-ups in the queue do not count: TryAcquire queues behind them
+// for one round trip instead of reporting a lock nobody holds.
+func (ks *keyState) wantedLocked() bool {
+	for _, w := range ks.queue {
+		if !w.cleanup {
+			return true
+		}
+	}
+	return false
+}
+
+// errRetry: the attempt should be repeated at once (the holder was replaced,
+// a pinned connection was lost).
+var errRetry = errors.New("lease: retry")
+
+// acquire is Acquire and TryAcquire of every path.
+func (c *Client) acquire(ctx context.Context, m acquireMode, key Key, wait bool) (*Lock, error) {
+	if err := key.Validate(); err != nil {
+		return nil, err
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, context.Cause(ctx)
+	}
+	if l := heldIn(ctx, c, key); l != nil {
+		return nil, c.reentryError(l)
+	}
+	mk := key.mapKey()
+	c.mu.Lock()
+	if err := c.usableLocked(m); err != nil {
+		c.mu.Unlock()
+		return nil, err
+	}
+	ks, w, err := c.enqueueLocked(key, mk, wait, false)
+	c.mu.Unlock()
+	if err != nil {
+		return nil, err
+	}
+	defer c.leave(mk, ks, w)
+	if err := c.awaitTurn(ctx, w); err != nil {
+		return nil, err
+	}
+
+	var sub *dispatch.Sub
+	defer func() {
+		if sub != nil {
+			sub.Close()
+		}
+	}()
+	backoff := m.busyRetry()
+	for {
+		c.mu.Lock()
+		free := ks.free
+		if ks.held == nil {
+			free = nil
+		}
+		if free != nil && !wait {
+			err := c.heldHereLocked(key, ks)
+			c.mu.Unlock()
+			return nil, err
+		}
+		c.mu.Unlock()
+		if free != nil { // this client holds it (in either mode): wait for its release
+			select {
+			case <-free:
+				continue
+			case <-ctx.Done():
+				return nil, context.Cause(ctx)
+			case <-c.closing:
+				return nil, ErrClosed
+			}
+		}
+		if wait && sub == nil && m.subscribeFirst() {
+			sub = c.disp.Subscribe(mk)
+		}
+		var wake <-chan struct{}
+		if sub != nil {
+			wake = sub.C() // before asking: a release in between still wakes us
+		}
+		l, refused, err := m.attempt(ctx, key, ks, wait)
+		if errors.Is(err, errRetry) {
+			continue
+		}
+		if err != nil {
+			return nil, err
+		}
+		if l != nil {
+			return l, nil
+		}
+		if !wait {
+			return nil, m.explain(ctx, refused)
+		}
+		if sub == nil {
+			sub = c.disp.Subscribe(mk)
+			continue
+		}
+		delay := dispatch.Jitter(c.cfg.PollInterval)
+		if refused.busy {
+			// Someone is acquiring right now (or holds the key on the
+			// advisory path, or has its row locked). Its release will wake
+			// us; look again soon only in case its acquire fails, which
+			// announces nothing.
+			if backoff < delay {
+				delay = backoff
+			}
+			backoff = min(backoff*2, c.cfg.PollInterval)
+		} else {
+			backoff = m.busyRetry()
+			if e := refused.ExpiresIn + time.Millisecond; refused.ExpiresIn > 0 && e < delay {
+				delay = e // wake when the holder's lease runs out
+			}
+		}
+		t := time.NewTimer(delay)
+		select {
+		case <-wake:
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			return nil, context.Cause(ctx)
+		case <-c.closing:
+			t.Stop()
+			return nil, ErrClosed
+		}
+		t.Stop()
+	}
+}
+
+func (c *Client) usableLocked(m acquireMode) error {
+	if c.closed {
+		return ErrClosed
+	}
+	return m.usableLocked()
+}
+
+// enqueueLocked queues a waiter for key in this client's FIFO (c.mu held).
+// For a try (wait false) it refuses with a *LockedError instead when the key
+// is held or wanted by an acquirer of this client.
+func (c *Client) enqueueLocked(key Key, mk string, wait, cleanup bool) (*keyState, *waiter, error) {
+	ks := c.keys[mk]
+	if ks == nil {
+		ks = &keyState{}
+		c.keys[mk] = ks
+	}
+	if !wait && !cleanup {
+		if ks.held != nil {
+			return nil, nil, c.heldHereLocked(key, ks)
+		}
+		if ks.wantedLocked() {
+			return nil, nil, c.lockedHereLocked(key)
+		}
+	}
+	w := &waiter{turn: make(chan struct{}), cleanup: cleanup}
+	ks.queue = append(ks.queue, w)
+	if len(ks.queue) == 1 {
+		close(w.turn)
+	}
+	return ks, w, nil
+}
+
+// awaitTurn blocks until w heads its queue, ctx is done or the client closes.
+func (c *Client) awaitTurn(ctx context.Context, w *waiter) error {
+	select {
+	case <-w.turn:
+		return nil
+	case <-ctx.Done():
+		return context.Cause(ctx)
+	case <-c.closing:
+		return ErrClosed
+	}
+}
+
+// leave removes w from the key's queue and hands the turn to the next waiter.
+func (c *Client) leave(mk string, ks *keyState, w *waiter) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for i, x := range ks.queue {
+		if x == w {
+			ks.queue = append(ks.queue[:i], ks.queue[i+1:]...)
+			if i == 0 && len(ks.queue) > 0 {
+				close(ks.queue[0].turn)
+			}
+			break
+		}
+	}
+	c.gcKeyLocked(mk, ks)
+}
+
+func (c *Client) gcKeyLocked(mk string, ks *keyState) {
+	if ks.held == nil && len(ks.queue) == 0 && c.keys[mk] == ks {
+		delete(c.keys, mk)
+	}
+}
+
+// holdLocked records l as this client's lock on its key (c.mu held).
+func (c *Client) holdLocked(ks *keyState, l *Lock) {
+	ks.held = l
+	ks.free = make(chan struct{})
+}
+
+// dropLocked forgets l as this client's lock on its key (c.mu held).
+// Idempotent.
+func (c *Client) dropLocked(l *Lock) {
+	mk := l.key.mapKey()
+	if ks := c.keys[mk]; ks != nil && ks.held == l {
+		ks.held = nil
+		close(ks.free)
+		ks.free = nil
+		c.gcKeyLocked(mk, ks)
+	}
+}
+
+// Locks are not reentrant, and an acquirer of a key this client holds waits
+// for its release like any other: that serialises a process's goroutines as
+// it serialises processes. But an acquirer inside the critical section of the
+// very lock it asks for would wait for itself: the context tells. Lock.Context
+// and the context Do gives its callback carry their locks, and an acquire
+// whose ctx carries a live lock of this client on the same key is refused at
+// once with ErrAlreadyHeld.
+
+type heldCtxKey struct{}
+
+// heldChain is the locks a context was derived under, innermost first.
+type heldChain struct {
+	l    *Lock
+	next *heldChain
+}
+
+// withHeld returns ctx carrying l besides the locks it carries already.
+func withHeld(ctx context.Context, l *Lock) context.Context {
+	next, _ := ctx.Value(heldCtxKey{}).(*heldChain)
+	return context.WithValue(ctx, heldCtxKey{}, &heldChain{l: l, next: next})
+}
+
+// heldIn returns the live lock of c on key that ctx carries, if any.
+func heldIn(ctx context.Context, c *Client, key Key) *Lock {
+	for h, _ := ctx.Value(heldCtxKey{}).(*heldChain); h != nil; h = h.next {
+		if h.l.c == c && h.l.key == key && h.l.Err() == nil {
+			return h.l
+		}
+	}
+	return nil
+}
+
+// reentryError is the error for an acquire from inside l's critical section.
+func (c *Client) reentryError(l *Lock) error {
+	e := c.lockedHereLocked(l.key)
+	e.ByThisClient = true
+	e.HolderID = l.HolderID()
+	e.AcquiredAt = l.acquiredAt
+	return e
+}
+
+// heldHereLocked is the error for a try of a key this client holds.
+func (c *Client) heldHereLocked(key Key, ks *keyState) error {
+	e := c.lockedHereLocked(key)
+	e.ByThisClient = true
+	e.HolderID = ks.held.HolderID()
+	e.AcquiredAt = ks.held.acquiredAt
+	if t, ok := ks.held.mode.(*tableLock); ok {
+		e.ExpiresIn = time.Until(t.h.deadline)
+	}
+	return e
+}
+
+// lockedHereLocked is the error for a try of a key that another acquirer of
+// this client is acquiring.
+func (c *Client) lockedHereLocked(key Key) *LockedError {
+	return &LockedError{Key: key, Host: c.cfg.Owner.Host, PID: c.cfg.Owner.PID, Application: c.cfg.Owner.Application}
+}
+
+// runHeld is Do for both modes: acquire, run fn under the lock with a
+// context that ends with ctx or with the lock (its cause then the lock's),
+// release (also when fn panics: the panic goes on after the release), and
+// report a loss during fn as the lock's *LostError.
+func runHeld(ctx context.Context, key Key, acquire func(context.Context, Key) (*Lock, error), fn func(ctx context.Context, l *Lock) error) (err error) {
+	l, err := acquire(ctx, key)
+	if err != nil {
+		return err
+	}
+	released := false
+	defer func() {
+		if !released { // fn panicked
+			_ = l.Release(context.WithoutCancel(ctx))
+		}
+	}()
+	fctx, cancel := context.WithCancelCause(withHeld(ctx, l))
+	stop := context.AfterFunc(l.ctx, func() { cancel(context.Cause(l.ctx)) })
+	defer func() {
+		stop()
+		cancel(nil)
+	}()
+	ferr := fn(fctx, l)
+	lost := l.Err()
+	rerr := l.Release(context.WithoutCancel(ctx))
+	released = true
+	if errors.Is(lost, ErrLost) {
+		return errors.Join(fmt.Errorf("lease: %s: during the critical section: %w", key, lost), ferr)
+	}
+	return errors.Join(ferr, rerr)
+}
