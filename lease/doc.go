@@ -16,7 +16,8 @@
 //   - A holder whose lease ran out is dead for good. Its heartbeat refuses to
 //     renew it, even if the process comes back a moment later.
 //   - The client gives up first. It reports every lock lost (Lock.Done closes,
-//     Lock.Context is cancelled with cause ErrLost) when TTL - SafetyMargin has
+//     Lock.Context is cancelled with a *LostError, matching ErrLost, that says
+//     why) when TTL - SafetyMargin has
 //     passed on its monotonic clock since the start of its last successful
 //     renewal: before the database could consider the lease expired. A lock row
 //     deleted from under its holder (by a DBA) is reported lost within one
@@ -28,8 +29,11 @@
 //     writes the protected data, fails unless the token is the live holder's and
 //     holds a row lock that keeps any takeover waiting until that transaction
 //     ends. A write fenced this way never lands after the lock passed on.
-//   - Acquire commits durably. Release commits asynchronously: a release lost in
-//     a server crash only keeps a free key locked until its holder expires.
+//   - Acquire commits durably. Release commits asynchronously, so a crash can
+//     undo it, and an acquire whose ctx ended may still commit after the client
+//     gave up on it. Either leaves a row of a live holder that the client does
+//     not hold; the heartbeat's count of the holder's rows finds it, and the
+//     client deletes it again within a heartbeat or two.
 //   - A token is never handed out twice, not even across a crash. The advisory
 //     mode draws its tokens without waiting for a WAL flush; after a crash (or
 //     a standby's promotion) the first draw moves the sequence 2^40 ahead,
@@ -37,6 +41,14 @@
 //     go back.
 //   - Mutual exclusion never depends on notifications: they only wake waiters
 //     early. A missed one costs latency (PollInterval), never correctness.
+//
+// # Locks are not reentrant
+//
+// A Client is one holder. An acquirer of a key the Client already holds waits
+// for its release like any other, so goroutines of one process take turns as
+// processes do; but an acquire made from inside the critical section of that
+// very lock (with a context derived from Lock.Context or from Do's) would wait
+// for itself, and returns ErrAlreadyHeld at once.
 //
 // # Use
 //

@@ -66,7 +66,7 @@ const (
 	// EvSection: a section ended with Outcome.
 	EvSection = "section"
 	// EvLost: the lock's Done closed without a Release. T is when the holder
-	// saw it; Reason is why, as the client logged it.
+	// saw it; Reason is why, as the client's *lease.LostError says.
 	EvLost = "lost"
 	// EvEnd: the holder stopped believing it holds the lock: just before it
 	// calls Release, or when it saw Done close, whichever came first (T).
@@ -117,7 +117,7 @@ type Event struct {
 	Release string `json:"rel,omitempty"`
 	Err     string `json:"err,omitempty"`
 	Leak    string `json:"leak,omitempty"`
-	Reason  string `json:"why,omitempty"` // EvLost: the reason the client logged
+	Reason  string `json:"why,omitempty"` // EvLost: the LossReason the client reported
 }
 
 // Writer writes events as JSON lines, one write per line, so that a line is

@@ -70,7 +70,6 @@ func main() {
 type proc struct {
 	cfg    config
 	out    *torture.Writer
-	why    *reasons
 	rng    *rand.Rand
 	pool   *pgxpool.Pool
 	client *lease.Client
@@ -91,8 +90,7 @@ func run(cfg config) int {
 	if os.Getenv("PGLEASE_TORTURE_DEBUG") != "" {
 		level = slog.LevelDebug
 	}
-	why := newReasons(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
-	log := slog.New(why)
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 
 	// Stop when the suite closes our standard input.
 	stop, cancelStop := context.WithCancel(context.Background())
@@ -135,7 +133,7 @@ func run(cfg config) int {
 		return 2
 	}
 	p := &proc{
-		cfg: cfg, out: out, why: why, pool: pool, client: client,
+		cfg: cfg, out: out, pool: pool, client: client,
 		rng:   rand.New(rand.NewPCG(cfg.seed, uint64(os.Getpid()))),
 		fence: "SELECT " + pgx.Identifier{cfg.schema, "fence"}.Sanitize() + "($1, $2, $3)",
 		avoid: map[string]time.Time{},
@@ -220,7 +218,7 @@ func (p *proc) round(stop context.Context) {
 		t := torture.Now()
 		lostAt.Store(t)
 		p.out.Emit(torture.Event{Ev: torture.EvLost, Proc: p.cfg.proc, Key: key, Token: l.Token(), T: t,
-			Err: context.Cause(l.Context()).Error(), Reason: p.why.of(l.Token())})
+			Err: context.Cause(l.Context()).Error(), Reason: lossReason(l)})
 	}()
 
 	n := 1 + p.rng.IntN(p.cfg.sections)
@@ -336,4 +334,14 @@ func (p *proc) update(ctx context.Context, tx pgx.Tx, l *lease.Lock, key, id str
 
 func (p *proc) table(name string) string {
 	return pgx.Identifier{p.cfg.schema, "torture_" + name}.Sanitize()
+}
+
+// lossReason is why the client says l was lost: its *LostError's reason, or
+// the cause itself when the lock ended otherwise (its client closed).
+func lossReason(l *lease.Lock) string {
+	cause := context.Cause(l.Context())
+	if le, ok := errors.AsType[*lease.LostError](cause); ok {
+		return le.Reason.String()
+	}
+	return cause.Error()
 }
