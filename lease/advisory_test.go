@@ -979,16 +979,10 @@ func TestAdvisoryTransactionFenced(t *testing.T) {
 	}
 }
 
-// pgbouncerPath finds the PgBouncer binary (Debian package pgbouncer).
+// pgbouncerPath finds the PgBouncer binary (Debian package pgbouncer), or
+// skips the test (fails it under CI=true, where .ci/run installs it).
 func pgbouncerPath(t *testing.T) string {
-	for _, p := range []string{"pgbouncer", "/usr/sbin/pgbouncer"} {
-		if path, err := exec.LookPath(p); err == nil {
-			return path
-		}
-	}
-	t.Fatal("pgbouncer is not installed: this test runs a real PgBouncer in transaction mode " +
-		"(Debian: apt-get install pgbouncer; .ci/run installs it)")
-	return ""
+	return pgtest.RequireProgram(t, "pgbouncer", "/usr/sbin/pgbouncer")
 }
 
 // startPgBouncer runs PgBouncer with pool_mode = transaction in front of cl, as

@@ -23,7 +23,7 @@ import (
 //
 //	go test -run '^$' -bench AcquireReleaseWhileReaping -benchtime=1x ./reaper/
 func BenchmarkAcquireReleaseWhileReaping(b *testing.B) {
-	for _, size := range []int{100, reaper.DefaultBatchSize} {
+	for _, size := range []int{100, reaper.BatchSizeDefault} {
 		b.Run("batch="+strconv.Itoa(size), func(b *testing.B) { acquireWhileReaping(b, size) })
 	}
 }

@@ -24,16 +24,11 @@ type fx struct {
 func newFx(t testing.TB) *fx {
 	t.Helper()
 	db := pgtest.NewDB(t)
-	return &fx{
-		DB:      db,
-		holders: pgx.Identifier{db.Schema, "holders"}.Sanitize(),
-		locks:   pgx.Identifier{db.Schema, "locks"}.Sanitize(),
-		t:       t,
-	}
+	return &fx{DB: db, holders: db.Qualified("holders"), locks: db.Qualified("locks"), t: t}
 }
 
 // fn returns the schema-qualified name of one of the schema's functions.
-func (f *fx) fn(name string) string { return pgx.Identifier{f.Schema, name}.Sanitize() }
+func (f *fx) fn(name string) string { return f.Qualified(name) }
 
 func ctxFor(t testing.TB, d time.Duration) context.Context {
 	t.Helper()
@@ -46,33 +41,13 @@ func ctxFor(t testing.TB, d time.Duration) context.Context {
 // returns their ids.
 func (f *fx) addHolders(ctx context.Context, n int, alive bool) []int64 {
 	f.t.Helper()
-	sign := "-"
-	if alive {
-		sign = "+"
-	}
-	rows, err := f.Pool.Query(ctx, `INSERT INTO `+f.holders+` (host, pid, application, ttl, expires_at)
-		SELECT 'host', g, 'reaper-test', interval '1 hour', clock_timestamp() `+sign+` interval '1 hour'
-		  FROM generate_series(1, $1) g RETURNING id`, n)
-	if err != nil {
-		f.t.Fatal(err)
-	}
-	ids, err := pgx.CollectRows(rows, pgx.RowTo[int64])
-	if err != nil {
-		f.t.Fatal(err)
-	}
-	return ids
+	return f.AddHolders(ctx, f.t, n, alive)
 }
 
 // addLocks inserts per lock rows for each holder id (which need not exist).
 func (f *fx) addLocks(ctx context.Context, holderIDs []int64, per int) {
 	f.t.Helper()
-	_, err := f.Pool.Exec(ctx, `INSERT INTO `+f.locks+` (name, entity_id, token, holder_id)
-		SELECT 'job', h::text || ':' || g::text, nextval($3::regclass), h
-		  FROM unnest($1::bigint[]) h, generate_series(1, $2) g`,
-		holderIDs, per, pgx.Identifier{f.Schema, "token_seq"}.Sanitize())
-	if err != nil {
-		f.t.Fatal(err)
-	}
+	f.AddLocks(ctx, f.t, holderIDs, per)
 }
 
 // expire makes a holder dead now.
@@ -85,11 +60,26 @@ func (f *fx) expire(ctx context.Context, id int64) {
 
 func (f *fx) count(ctx context.Context, query string, args ...any) int64 {
 	f.t.Helper()
-	var n int64
-	if err := f.Pool.QueryRow(ctx, query, args...).Scan(&n); err != nil {
-		f.t.Fatalf("%s: %v", query, err)
+	return f.Count(ctx, f.t, query, args...)
+}
+
+// listen returns a connection that listens on the schema's notification
+// channel, closed when the test ends.
+func (f *fx) listen(ctx context.Context) *pgx.Conn {
+	f.t.Helper()
+	conn, err := pgx.Connect(ctx, f.Cluster.URL())
+	if err != nil {
+		f.t.Fatal(err)
 	}
-	return n
+	f.t.Cleanup(func() { _ = conn.Close(context.Background()) })
+	var channel string
+	if err := conn.QueryRow(ctx, `SELECT `+f.fn("channel")+`()`).Scan(&channel); err != nil {
+		f.t.Fatal(err)
+	}
+	if _, err := conn.Exec(ctx, "LISTEN "+pgx.Identifier{channel}.Sanitize()); err != nil {
+		f.t.Fatal(err)
+	}
+	return conn
 }
 
 // deadLocks counts lock rows whose holder is gone or expired.

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -19,13 +20,14 @@ import (
 
 // Defaults used for the zero values of Config's fields.
 const (
-	// DefaultSchema is the schema the pglease tables live in.
-	DefaultSchema = ident.DefaultSchema
-	// DefaultBatchSize is how many rows one batch deletes at most.
-	DefaultBatchSize = 1000
-	// DefaultBatchTimeout bounds one batch: its transaction is cancelled
+	// SchemaDefault is the schema the pglease tables live in, the same as
+	// lease.SchemaDefault.
+	SchemaDefault = "lease"
+	// BatchSizeDefault is how many rows one batch deletes at most.
+	BatchSizeDefault = 1000
+	// BatchTimeoutDefault bounds one batch: its transaction is cancelled
 	// after this long.
-	DefaultBatchTimeout = 10 * time.Second
+	BatchTimeoutDefault = 10 * time.Second
 )
 
 // Limits of Config's fields.
@@ -70,17 +72,17 @@ var (
 
 // Config configures a Reaper. The zero value works: every field has a default.
 type Config struct {
-	// Schema holds the pglease tables. Defaults to DefaultSchema ("lease").
+	// Schema holds the pglease tables. Defaults to SchemaDefault ("lease").
 	Schema string
 
 	// BatchSize is the most rows one batch (one transaction) deletes.
-	// Defaults to DefaultBatchSize (1000); at most MaxBatchSize.
+	// Defaults to BatchSizeDefault (1000); at most MaxBatchSize.
 	BatchSize int
 
 	// BatchTimeout bounds each batch: its statements are cancelled by the
 	// server (statement_timeout, lock_timeout) after this long, and the
 	// client gives up shortly after that if the server does not answer.
-	// Defaults to DefaultBatchTimeout (10s); at least MinBatchTimeout.
+	// Defaults to BatchTimeoutDefault (10s); at least MinBatchTimeout.
 	BatchTimeout time.Duration
 
 	// DryRun makes passes count what they would delete, without deleting
@@ -152,27 +154,27 @@ func New(pool *pgxpool.Pool, cfg *Config) (*Reaper, error) {
 		c = *cfg
 	}
 	if c.Schema == "" {
-		c.Schema = DefaultSchema
+		c.Schema = SchemaDefault
 	}
 	if err := ident.ValidateSchema(c.Schema); err != nil {
-		return nil, fmt.Errorf("%w: Schema: %w", ErrInvalidConfig, err)
+		return nil, fmt.Errorf("%w: Schema is not a usable schema name: %s", ErrInvalidConfig, schemaProblem(err))
 	}
 	switch {
 	case c.BatchSize < 0:
 		return nil, fmt.Errorf("%w: BatchSize %d is negative: leave it 0 for the default (%d) or set 1 to %d",
-			ErrInvalidConfig, c.BatchSize, DefaultBatchSize, MaxBatchSize)
+			ErrInvalidConfig, c.BatchSize, BatchSizeDefault, MaxBatchSize)
 	case c.BatchSize > MaxBatchSize:
 		return nil, fmt.Errorf("%w: BatchSize %d is above the limit of %d: smaller batches hold row locks for less time",
 			ErrInvalidConfig, c.BatchSize, MaxBatchSize)
 	case c.BatchSize == 0:
-		c.BatchSize = DefaultBatchSize
+		c.BatchSize = BatchSizeDefault
 	}
 	switch {
 	case c.BatchTimeout < 0:
 		return nil, fmt.Errorf("%w: BatchTimeout %s is negative: leave it 0 for the default (%s) or set at least %s",
-			ErrInvalidConfig, c.BatchTimeout, DefaultBatchTimeout, MinBatchTimeout)
+			ErrInvalidConfig, c.BatchTimeout, BatchTimeoutDefault, MinBatchTimeout)
 	case c.BatchTimeout == 0:
-		c.BatchTimeout = DefaultBatchTimeout
+		c.BatchTimeout = BatchTimeoutDefault
 	case c.BatchTimeout < MinBatchTimeout:
 		return nil, fmt.Errorf("%w: BatchTimeout %s is below %s: PostgreSQL timeouts count whole milliseconds",
 			ErrInvalidConfig, c.BatchTimeout, MinBatchTimeout)
@@ -184,6 +186,13 @@ func New(pool *pgxpool.Pool, cfg *Config) (*Reaper, error) {
 	r := &Reaper{pool: pool, cfg: c, log: log}
 	r.buildSQL()
 	return r, nil
+}
+
+// schemaProblem is what ident found wrong with a schema name, without the
+// text of ident's own sentinel ("lease: invalid schema name"): errors of
+// this package start with "reaper:" and speak for the reaper alone.
+func schemaProblem(err error) string {
+	return strings.TrimPrefix(err.Error(), ident.ErrInvalidSchema.Error()+": ")
 }
 
 // Config returns the configuration in effect, with defaults filled in.

@@ -16,6 +16,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 
+	"github.com/pglease/pglease/internal/ident"
 	"github.com/pglease/pglease/internal/pgtest"
 	"github.com/pglease/pglease/reaper"
 )
@@ -52,7 +53,7 @@ func TestPassDeletesExactlyTheDead(t *testing.T) {
 		t.Fatalf("stats = %+v, want 500 holders, 50030 locks, 0 skipped", st)
 	}
 	if st.Batches < 52 {
-		t.Fatalf("batches = %d: 50030 lock rows in batches of %d need at least 51, plus the holders' batch", st.Batches, reaper.DefaultBatchSize)
+		t.Fatalf("batches = %d: 50030 lock rows in batches of %d need at least 51, plus the holders' batch", st.Batches, reaper.BatchSizeDefault)
 	}
 	if n := f.count(ctx, `SELECT count(*) FROM `+f.holders); n != 500 {
 		t.Fatalf("holders left = %d, want the 500 live ones", n)
@@ -124,18 +125,38 @@ func TestRenewalAtExpiryNeverLosesALiveLease(t *testing.T) {
 		minRun   = 3 * time.Second  // then on until enough races were seen,
 		maxRun   = 20 * time.Second // but no longer than this
 	)
-	renew := `UPDATE ` + f.holders + ` SET expires_at = clock_timestamp() + ttl
-		WHERE id = $1 AND expires_at > clock_timestamp() RETURNING expires_at`
+	// The heartbeat is the schema's own renew(), as a lease.Client sends it.
+	renew := `SELECT alive, locks FROM ` + f.fn("renew") + `($1)`
+	expiry := `SELECT expires_at FROM ` + f.holders + ` WHERE id = $1`
 	check := `SELECT clock_timestamp() < $2,
 		(SELECT count(*) FROM ` + f.holders + ` WHERE id = $1),
 		(SELECT count(*) FROM ` + f.locks + ` WHERE holder_id = $1)`
-	register := `WITH h AS (
-		INSERT INTO ` + f.holders + ` (host, pid, application, ttl, expires_at)
-		VALUES ('renewer', $1, 'reaper-test', $2::interval, clock_timestamp() + $2::interval) RETURNING id, expires_at),
-	  l AS (INSERT INTO ` + f.locks + ` (name, entity_id, token, holder_id)
-		SELECT 'renew', h.id::text || ':' || g::text, nextval($3::regclass), h.id FROM h, generate_series(1, $4) g)
-	SELECT id, expires_at FROM h`
-	seq := pgx.Identifier{f.Schema, "token_seq"}.Sanitize()
+	// register makes a holder with a ttl lease and perLease locks, taken
+	// with the schema's own acquire(). The holder row is made here, not by
+	// a lease.Client, which would renew it by itself: this test aims every
+	// renewal at the expiry. It does not expire while the locks are taken.
+	register := func(ctx context.Context, pool *pgxpool.Pool, w int) (id int64, exp time.Time, err error) {
+		err = pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
+			if err := tx.QueryRow(ctx, `INSERT INTO `+f.holders+` (host, pid, application, ttl, expires_at)
+				VALUES ('renewer', $1, 'reaper-test', $2::interval, 'infinity') RETURNING id`,
+				w, ttl.String()).Scan(&id); err != nil {
+				return err
+			}
+			var acquired int
+			if err := tx.QueryRow(ctx, `SELECT count(*) FROM generate_series(1, $2) g,
+				LATERAL `+f.fn("acquire")+`('renew', $1::bigint::text || ':' || g::text, $1::bigint) a WHERE a.acquired`,
+				id, perLease).Scan(&acquired); err != nil {
+				return err
+			}
+			if acquired != perLease {
+				return fmt.Errorf("holder %d: acquired %d of %d fresh keys", id, acquired, perLease)
+			}
+			return tx.QueryRow(ctx, `UPDATE `+f.holders+` SET expires_at = clock_timestamp() + ttl
+				WHERE id = $1 RETURNING expires_at`, id).Scan(&exp)
+		})
+		return id, exp, err
+	}
+	errRefused := errors.New("renewal refused")
 
 	var stop, stopRenewing atomic.Bool
 	var reaped, reaperPasses atomic.Int64
@@ -167,9 +188,8 @@ func TestRenewalAtExpiryNeverLosesALiveLease(t *testing.T) {
 			// stay right at the expiry boundary.
 			offset := -3 * time.Millisecond
 			for !stopRenewing.Load() {
-				var id int64
-				var exp time.Time
-				if err := pool.QueryRow(ctx, register, w, ttl.String(), seq, perLease).Scan(&id, &exp); err != nil {
+				id, exp, err := register(ctx, pool, w)
+				if err != nil {
 					errs <- err
 					return
 				}
@@ -185,14 +205,26 @@ func TestRenewalAtExpiryNeverLosesALiveLease(t *testing.T) {
 					var returned time.Time
 					pause := time.Duration(rng.IntN(2000)) * time.Microsecond
 					err := pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
-						if err := tx.QueryRow(ctx, renew, id).Scan(&next); err != nil {
+						var alive bool
+						var locks int64
+						if err := tx.QueryRow(ctx, renew, id).Scan(&alive, &locks); err != nil {
 							return err
 						}
 						returned = time.Now()
+						if !alive {
+							return errRefused
+						}
+						if locks != perLease {
+							violations.Add(1)
+							t.Errorf("holder %d renewed, but renew() counts %d of its %d lock rows", id, locks, perLease)
+						}
+						if err := tx.QueryRow(ctx, expiry, id).Scan(&next); err != nil {
+							return err
+						}
 						time.Sleep(pause)
 						return nil
 					})
-					if errors.Is(err, pgx.ErrNoRows) {
+					if errors.Is(err, errRefused) {
 						// Refused: only allowed once the last expiry has passed.
 						var early bool
 						if err := pool.QueryRow(ctx, `SELECT clock_timestamp() < $1`, exp).Scan(&early); err != nil {
@@ -432,18 +464,7 @@ func TestDeletesNotifyWaiters(t *testing.T) {
 	h := f.addHolders(ctx, 1, false)
 	f.addLocks(ctx, h, 3)
 
-	conn, err := pgx.Connect(ctx, f.Cluster.URL())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close(context.Background())
-	var channel string
-	if err := conn.QueryRow(ctx, `SELECT `+f.fn("channel")+`()`).Scan(&channel); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := conn.Exec(ctx, "LISTEN "+pgx.Identifier{channel}.Sanitize()); err != nil {
-		t.Fatal(err)
-	}
+	conn := f.listen(ctx)
 
 	st, err := f.reaper(nil, reaper.Config{}).RunOnce(ctx)
 	if err != nil || st.Locks != 3 {
@@ -494,18 +515,7 @@ func TestInterruptedPassKeepsItsWork(t *testing.T) {
 	}
 
 	// Cancelled when the first batch of lock rows is announced.
-	conn, err := pgx.Connect(ctx, f.Cluster.URL())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close(context.Background())
-	var channel string
-	if err := conn.QueryRow(ctx, `SELECT `+f.fn("channel")+`()`).Scan(&channel); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := conn.Exec(ctx, "LISTEN "+pgx.Identifier{channel}.Sanitize()); err != nil {
-		t.Fatal(err)
-	}
+	conn := f.listen(ctx)
 	passCtx, cancelPass := context.WithCancel(ctx)
 	defer cancelPass()
 	heard := make(chan error, 1)
@@ -685,14 +695,17 @@ func TestPassErrors(t *testing.T) {
 func TestConfigValidation(t *testing.T) {
 	t.Parallel()
 	pool := pgtest.NewPool(t, pgtest.Shared(t), "reaper-test")
-	if _, err := reaper.New(nil, nil); !errors.Is(err, reaper.ErrInvalidConfig) {
-		t.Fatalf("nil pool: %v", err)
+	if _, err := reaper.New(nil, nil); !errors.Is(err, reaper.ErrInvalidConfig) || reaper.ErrInvalidConfig.Error() != "reaper: invalid config" {
+		t.Fatalf("nil pool: %v; want ErrInvalidConfig (reaper: invalid config)", err)
+	}
+	if reaper.SchemaDefault != ident.DefaultSchema {
+		t.Fatalf("reaper.SchemaDefault = %q, but the library's default schema is %q", reaper.SchemaDefault, ident.DefaultSchema)
 	}
 	r, err := reaper.New(pool, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if c := r.Config(); c.Schema != reaper.DefaultSchema || c.BatchSize != reaper.DefaultBatchSize || c.BatchTimeout != reaper.DefaultBatchTimeout {
+	if c := r.Config(); c.Schema != reaper.SchemaDefault || c.BatchSize != reaper.BatchSizeDefault || c.BatchTimeout != reaper.BatchTimeoutDefault {
 		t.Fatalf("defaults: %+v", c)
 	}
 	for _, tc := range []struct {
@@ -707,7 +720,8 @@ func TestConfigValidation(t *testing.T) {
 		{reaper.Config{Schema: strings.Repeat("s", 64)}, "at most 63"},
 	} {
 		_, err := reaper.New(pool, &tc.cfg)
-		if !errors.Is(err, reaper.ErrInvalidConfig) || !strings.Contains(err.Error(), tc.want) || !strings.HasPrefix(err.Error(), "reaper: ") {
+		if !errors.Is(err, reaper.ErrInvalidConfig) || !strings.Contains(err.Error(), tc.want) ||
+			!strings.HasPrefix(err.Error(), "reaper: ") || strings.Contains(err.Error(), "lease:") {
 			t.Errorf("New(%+v) = %v; want ErrInvalidConfig mentioning %q", tc.cfg, err, tc.want)
 		}
 	}
@@ -775,8 +789,8 @@ func TestOddSchemaName(t *testing.T) {
 	c := pgtest.Shared(t)
 	schema := `Odd "%s" ` + pgtest.NewSchemaName()
 	pgtest.Migrate(t, c, schema)
-	f := &fx{DB: &pgtest.DB{Cluster: c, Schema: schema, Pool: pgtest.NewPool(t, c, "reaper-test")},
-		holders: pgx.Identifier{schema, "holders"}.Sanitize(), locks: pgx.Identifier{schema, "locks"}.Sanitize(), t: t}
+	db := &pgtest.DB{Cluster: c, Schema: schema, Pool: pgtest.NewPool(t, c, "reaper-test")}
+	f := &fx{DB: db, holders: db.Qualified("holders"), locks: db.Qualified("locks"), t: t}
 	ctx := ctxFor(t, time.Minute)
 	f.addLocks(ctx, f.addHolders(ctx, 3, false), 4)
 	f.addLocks(ctx, f.addHolders(ctx, 1, true), 2)

@@ -8,8 +8,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/jackc/pgx/v5"
-
 	"github.com/pglease/pglease/internal/pgtest"
 )
 
@@ -29,34 +27,21 @@ func BenchmarkOnceMillionDeadRows(b *testing.B) {
 		}
 	}
 	db := pgtest.NewDB(b)
-	holders := pgx.Identifier{db.Schema, "holders"}.Sanitize()
-	locks := pgx.Identifier{db.Schema, "locks"}.Sanitize()
-	seq := pgx.Identifier{db.Schema, "token_seq"}.Sanitize()
+	holders, locks := db.Qualified("holders"), db.Qualified("locks")
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
 	defer cancel()
-	exec1 := func(sql string, args ...any) {
-		if _, err := db.Pool.Exec(ctx, sql, args...); err != nil {
+	exec1 := func(sql string) {
+		if _, err := db.Pool.Exec(ctx, sql); err != nil {
 			b.Fatalf("%s: %v", sql, err)
 		}
 	}
-	count := func(sql string) int64 {
-		var n int64
-		if err := db.Pool.QueryRow(ctx, sql).Scan(&n); err != nil {
-			b.Fatal(err)
-		}
-		return n
-	}
+	count := func(sql string) int64 { return db.Count(ctx, b, sql) }
 	var total time.Duration
 	for range b.N {
 		b.StopTimer()
 		exec1(`TRUNCATE ` + holders + `, ` + locks)
-		exec1(`INSERT INTO ` + holders + ` (host, pid, application, ttl, expires_at)
-			SELECT 'bench', g, 'bench', interval '1 hour',
-			       clock_timestamp() + CASE WHEN g <= 1000 THEN interval '-1 hour' ELSE interval '1 hour' END
-			  FROM generate_series(1, 1100) g`)
-		exec1(`INSERT INTO `+locks+` (name, entity_id, token, holder_id)
-			SELECT 'bench', h.id || ':' || k, nextval($1::regclass), h.id
-			  FROM `+holders+` h, generate_series(1, 1000) k`, seq)
+		db.AddLocks(ctx, b, db.AddHolders(ctx, b, 1000, false), 1000)
+		db.AddLocks(ctx, b, db.AddHolders(ctx, b, 100, true), 1000)
 		exec1(`VACUUM ANALYZE ` + holders + `, ` + locks)
 		if n := count(`SELECT count(*) FROM ` + locks); n != 1_100_000 {
 			b.Fatalf("fixture: %d lock rows", n)

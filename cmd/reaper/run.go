@@ -273,7 +273,7 @@ func parse(args []string, getenv func(string) string, migrate bool) (*options, e
 		}
 	}
 	str(&o.databaseURL, "database-url", "DATABASE_URL", "")
-	str(&o.schema, "schema", "REAPER_SCHEMA", reaper.DefaultSchema)
+	str(&o.schema, "schema", "REAPER_SCHEMA", reaper.SchemaDefault)
 	str(&o.logFormat, "log-format", "REAPER_LOG_FORMAT", "text")
 	str(&o.logLevel, "log-level", "REAPER_LOG_LEVEL", "info")
 	if migrate {
@@ -285,9 +285,9 @@ func parse(args []string, getenv func(string) string, migrate bool) (*options, e
 		env["once"] = "REAPER_ONCE"
 		fs.BoolVar(&o.dryRun, "dry-run", false, "")
 		env["dry-run"] = "REAPER_DRY_RUN"
-		fs.IntVar(&o.batchSize, "batch-size", reaper.DefaultBatchSize, "")
+		fs.IntVar(&o.batchSize, "batch-size", reaper.BatchSizeDefault, "")
 		env["batch-size"] = "REAPER_BATCH_SIZE"
-		fs.DurationVar(&o.batchTimeout, "batch-timeout", reaper.DefaultBatchTimeout, "")
+		fs.DurationVar(&o.batchTimeout, "batch-timeout", reaper.BatchTimeoutDefault, "")
 		env["batch-timeout"] = "REAPER_BATCH_TIMEOUT"
 		fs.BoolVar(&o.version, "version", false, "")
 	}
@@ -376,7 +376,7 @@ func (o *options) validate(migrate bool) error {
 		}
 	}
 	if o.batchSize < 1 || o.batchSize > reaper.MaxBatchSize {
-		return usagef("--batch-size %d: use 1 to %d (default %d)", o.batchSize, reaper.MaxBatchSize, reaper.DefaultBatchSize)
+		return usagef("--batch-size %d: use 1 to %d (default %d)", o.batchSize, reaper.MaxBatchSize, reaper.BatchSizeDefault)
 	}
 	if o.batchTimeout < reaper.MinBatchTimeout {
 		return usagef("--batch-timeout %s: use a duration of at least %s, e.g. 10s (the default)", o.batchTimeout, reaper.MinBatchTimeout)

@@ -13,8 +13,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/jackc/pgx/v5"
-
 	"github.com/pglease/pglease/internal/pgtest"
 )
 
@@ -28,34 +26,19 @@ type fixture struct {
 func newFixture(t *testing.T) *fixture {
 	t.Helper()
 	db := pgtest.NewDB(t)
-	f := &fixture{DB: db,
-		holders: pgx.Identifier{db.Schema, "holders"}.Sanitize(),
-		locks:   pgx.Identifier{db.Schema, "locks"}.Sanitize()}
+	f := &fixture{DB: db, holders: db.Qualified("holders"), locks: db.Qualified("locks")}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	_, err := f.Pool.Exec(ctx, `
-		WITH h AS (INSERT INTO `+f.holders+` (host, pid, application, ttl, expires_at)
-			SELECT 'host', g, 'cli-test', interval '1 hour',
-			       CASE WHEN g < 3 THEN clock_timestamp() - interval '1 hour' ELSE clock_timestamp() + interval '1 hour' END
-			  FROM generate_series(1, 3) g RETURNING id, pid)
-		INSERT INTO `+f.locks+` (name, entity_id, token, holder_id)
-		SELECT 'job', h.id || ':' || k, nextval($1::regclass), h.id
-		  FROM h, generate_series(1, CASE WHEN h.pid < 3 THEN 3 ELSE 2 END) k`,
-		pgx.Identifier{db.Schema, "token_seq"}.Sanitize())
-	if err != nil {
-		t.Fatal(err)
-	}
+	f.AddLocks(ctx, t, f.AddHolders(ctx, t, 2, false), 3)
+	f.AddLocks(ctx, t, f.AddHolders(ctx, t, 1, true), 2)
 	return f
 }
 
-func (f *fixture) rows(t *testing.T) (holders, locks int) {
+func (f *fixture) rows(t *testing.T) (holders, locks int64) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	if err := f.Pool.QueryRow(ctx, `SELECT (SELECT count(*) FROM `+f.holders+`), (SELECT count(*) FROM `+f.locks+`)`).Scan(&holders, &locks); err != nil {
-		t.Fatal(err)
-	}
-	return holders, locks
+	return f.Count(ctx, t, `SELECT count(*) FROM `+f.holders), f.Count(ctx, t, `SELECT count(*) FROM `+f.locks)
 }
 
 type result struct {

@@ -30,6 +30,12 @@ import (
 // server instead of a throwaway cluster.
 const EnvURL = "PGLEASE_TEST_DATABASE_URL"
 
+// EnvBinDir names the environment variable that points the harness at the
+// directory of the PostgreSQL server binaries (initdb, postgres) to start
+// clusters from, instead of looking for them on PATH and in
+// /usr/lib/postgresql/*/bin.
+const EnvBinDir = "PGLEASE_TEST_PG_BINDIR"
+
 // Options configure a throwaway cluster.
 type Options struct {
 	// NoFsync turns fsync off, which makes commits cheap but the timings of
@@ -99,17 +105,19 @@ func Start(opts Options) (*Cluster, error) {
 	}
 	c.dir, err = os.MkdirTemp("", "pglease-pg-")
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("pgtest: %w", err)
 	}
 	c.sockDir = filepath.Join(c.dir, "sock")
 	data := filepath.Join(c.dir, "data")
 	if err := os.Mkdir(c.sockDir, 0o700); err != nil {
-		return nil, err
+		_ = os.RemoveAll(c.dir)
+		return nil, fmt.Errorf("pgtest: %w", err)
 	}
 	if c.uid >= 0 {
 		for _, p := range []string{c.dir, c.sockDir} {
 			if err := os.Chown(p, c.uid, c.gid); err != nil {
-				return nil, err
+				_ = os.RemoveAll(c.dir)
+				return nil, fmt.Errorf("pgtest: %w", err)
 			}
 		}
 	}
@@ -151,7 +159,8 @@ func Start(opts Options) (*Cluster, error) {
 	for attempt := 0; ; attempt++ {
 		c.port, err = freePort()
 		if err != nil {
-			return nil, err
+			_ = os.RemoveAll(c.dir)
+			return nil, fmt.Errorf("pgtest: %w", err)
 		}
 		c.url = fmt.Sprintf("postgres://postgres@127.0.0.1:%d/postgres?sslmode=disable", c.port)
 		err = c.start()
@@ -326,7 +335,20 @@ func (c *Cluster) TerminateBackends(ctx context.Context, where string, args ...a
 	return n, err
 }
 
+// ErrNoServerBinaries is wrapped by the error of Start when the PostgreSQL
+// server binaries (initdb, postgres) cannot be found.
+var ErrNoServerBinaries = errors.New("pgtest: no PostgreSQL server binaries (initdb, postgres)")
+
+// findBinDir returns the directory of initdb and postgres: the one EnvBinDir
+// names when set (and no other), else the one of initdb on PATH, else the
+// newest /usr/lib/postgresql/*/bin.
 func findBinDir() (string, error) {
+	if d := os.Getenv(EnvBinDir); d != "" {
+		if isExec(filepath.Join(d, "initdb")) && isExec(filepath.Join(d, "postgres")) {
+			return d, nil
+		}
+		return "", fmt.Errorf("%w in %s=%s", ErrNoServerBinaries, EnvBinDir, d)
+	}
 	var candidates []string
 	if p, err := exec.LookPath("initdb"); err == nil {
 		if r, err := filepath.EvalSymlinks(p); err == nil {
@@ -341,8 +363,7 @@ func findBinDir() (string, error) {
 			return d, nil
 		}
 	}
-	return "", errors.New("pgtest: no PostgreSQL server binaries (initdb, postgres) on PATH or in /usr/lib/postgresql/*/bin; " +
-		"install them (Debian: apt-get install postgresql) or set " + EnvURL)
+	return "", fmt.Errorf("%w on PATH or in /usr/lib/postgresql/*/bin (Debian: apt-get install postgresql)", ErrNoServerBinaries)
 }
 
 func versionOf(binDir string) int {

@@ -4,8 +4,12 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"os"
+	"os/exec"
+	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -31,7 +35,7 @@ func Shared(tb testing.TB) *Cluster {
 	tb.Helper()
 	c, err := SharedCluster()
 	if err != nil {
-		tb.Fatalf("pgtest: %v", err)
+		tb.Fatal(err) // says "pgtest: ..." itself
 	}
 	return c
 }
@@ -56,7 +60,11 @@ func sharedCluster() (*Cluster, error) {
 	}
 	// Tests check logic, not durability timings: fsync off keeps them quick.
 	// Benchmarks and fault tests start durable clusters of their own.
-	return Start(Options{NoFsync: true})
+	c, err := Start(Options{NoFsync: true})
+	if errors.Is(err, ErrNoServerBinaries) {
+		return nil, fmt.Errorf("%w; or set %s to the URL of a running server", err, EnvURL)
+	}
+	return c, err
 }
 
 // Main runs the tests of a package, stops the shared cluster, and fails the
@@ -85,14 +93,53 @@ func run(m *testing.M, leakCheck bool) int {
 }
 
 // Owned starts a cluster for this test alone, stopped when the test ends.
+// Fault tests use it to kill, pause or restart the server, which a server at
+// PGLEASE_TEST_DATABASE_URL does not allow. Without server binaries the test
+// is skipped with a one-line reason, or fails under CI=true.
 func Owned(tb testing.TB, opts Options) *Cluster {
 	tb.Helper()
 	c, err := Start(opts)
+	if errors.Is(err, ErrNoServerBinaries) {
+		unavailable(tb, fmt.Sprintf("%v; this test needs a cluster of its own, to kill or restart it", err))
+	}
 	if err != nil {
-		tb.Fatalf("pgtest: %v", err)
+		tb.Fatal(err) // says "pgtest: ..." itself
 	}
 	tb.Cleanup(c.Stop)
 	return c
+}
+
+// EnvCI names the environment variable that marks a CI run. With CI=true (as
+// .ci/run and CI services set it) a test never skips for want of a program or
+// of server binaries: .ci/run installs them all, and a skip would hide that
+// it did not.
+const EnvCI = "CI"
+
+// RequireProgram returns the path of an optional program a test runs
+// (PgBouncer; later Patroni, etcd): the first of name and candidates found,
+// each looked up on PATH unless it contains a slash. When none is found, the
+// test is skipped with a one-line reason, or fails under CI=true.
+func RequireProgram(tb testing.TB, name string, candidates ...string) string {
+	tb.Helper()
+	looked := append([]string{name}, candidates...)
+	for _, p := range looked {
+		if path, err := exec.LookPath(p); err == nil {
+			return path
+		}
+	}
+	unavailable(tb, fmt.Sprintf("pgtest: %s not found (looked for %s): install it to run this test",
+		name, strings.Join(looked, ", ")))
+	return ""
+}
+
+// unavailable ends a test that cannot run here because something it needs is
+// missing: a skip outside CI, a failure under CI=true.
+func unavailable(tb testing.TB, reason string) {
+	tb.Helper()
+	if ci, _ := strconv.ParseBool(os.Getenv(EnvCI)); ci {
+		tb.Fatalf("%s (%s=%s: .ci/run installs what the tests need, so a missing one fails the run)", reason, EnvCI, os.Getenv(EnvCI))
+	}
+	tb.Skip(reason)
 }
 
 // NewSchemaName returns a fresh, unused schema name.
