@@ -29,13 +29,13 @@ func validByDoc(s string) bool {
 }
 
 // migration00002Like creates, in the schema that search_path names, the
-// function probe_<suffix> the way the released migration 00002 creates
-// advisory_acquire and advisory_release: the quoted schema name pasted into a
-// string literal and a dollar-quoted body, then the placeholders @guard@,
-// @listener@ and @channel@ replaced, in that order. The function returns
-// what those pasted names resolve to, so a caller can compare it with what
-// they should be (see want00002). Its search_path is pinned as 00003's
-// pin_search_path does it.
+// function probe_{suffix} ({suffix} replaced by the caller) the way the
+// released migration 00002 creates advisory_acquire and advisory_release:
+// the quoted schema name pasted into a string literal and a dollar-quoted
+// body, then the placeholders @guard@, @listener@ and @channel@ replaced, in
+// that order. The function returns what those pasted names resolve to, so a
+// caller can compare it with what they should be (see want00002). Its
+// search_path is pinned as 00003's pin_search_path does it.
 const migration00002Like = `
 DO $gen$
 DECLARE
