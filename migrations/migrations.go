@@ -30,6 +30,11 @@ import (
 //go:embed sql/*.sql
 var embedded embed.FS
 
+// ErrInvalidConfig is wrapped by the errors of Up, Down and Status about
+// their arguments: a nil pool, or a schema name that cannot be used (those
+// match ident's invalid schema name error, lease.ErrInvalidSchema, too).
+var ErrInvalidConfig = errors.New("migrations: invalid config")
+
 // VersionTable is the name of goose's version table inside the schema.
 const VersionTable = "pglease_migrations"
 
@@ -125,13 +130,13 @@ func results(rs []*goose.MigrationResult) []Result {
 // from the caller's pool configuration), so the caller's pool is never changed.
 func withProvider(ctx context.Context, pool *pgxpool.Pool, schema string, create bool, f func(*goose.Provider) error) error {
 	if pool == nil {
-		return errors.New("migrations: pool is nil")
+		return fmt.Errorf("%w: pool is nil: pass a *pgxpool.Pool from pgxpool.New", ErrInvalidConfig)
 	}
 	if schema == "" {
 		schema = ident.DefaultSchema
 	}
 	if err := ident.ValidateSchema(schema); err != nil {
-		return fmt.Errorf("migrations: %w", err)
+		return fmt.Errorf("%w: %w", ErrInvalidConfig, err)
 	}
 	quoted := pgx.Identifier{schema}.Sanitize()
 	if create {

@@ -1,0 +1,144 @@
+package lease
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/pglease/pglease/internal/pgtest"
+	"github.com/pglease/pglease/migrations"
+)
+
+func TestSchemaVersionTable(t *testing.T) {
+	if versionTable != migrations.VersionTable {
+		t.Fatalf("versionTable = %q, migrations.VersionTable = %q", versionTable, migrations.VersionTable)
+	}
+}
+
+func TestCheckSchema(t *testing.T) {
+	t.Parallel()
+	c := pgtest.Shared(t)
+	pool := pgtest.NewPool(t, c, "schema-check")
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+
+	// setInfo makes schema_info of schema return (version, from), as a later
+	// migration would.
+	setInfo := func(t *testing.T, schema string, version, from int) {
+		t.Helper()
+		sql := fmt.Sprintf(`CREATE OR REPLACE FUNCTION %s() RETURNS TABLE (version integer, compatible_from integer)
+			LANGUAGE sql STABLE AS $$ SELECT %d, %d $$`, pgx.Identifier{schema, "schema_info"}.Sanitize(), version, from)
+		if _, err := pool.Exec(ctx, sql); err != nil {
+			t.Fatal(err)
+		}
+	}
+	const upHint = "run migrations.Up or `reaper migrate up`"
+	cases := []struct {
+		name    string
+		schema  string
+		prepare func(t *testing.T, schema string)
+		want    error // nil: accepted
+		exists  bool
+		have    int
+		from    int
+		says    []string
+	}{
+		{
+			name:   "missing",
+			schema: `missing "schema" ` + pgtest.NewSchemaName(),
+			want:   ErrSchemaNotMigrated,
+			says:   []string{"does not exist", "needs version 3", upHint},
+		},
+		{
+			name:    "empty",
+			prepare: func(t *testing.T, schema string) { createSchema(t, c, schema) },
+			want:    ErrSchemaNotMigrated, exists: true,
+			says: []string{"version unknown", "needs version 3", upHint},
+		},
+		{
+			name: "version 2",
+			prepare: func(t *testing.T, schema string) {
+				pgtest.Migrate(t, c, schema)
+				if _, err := migrations.Down(ctx, pool, schema); err != nil {
+					t.Fatal(err)
+				}
+			},
+			want: ErrSchemaNotMigrated, exists: true, have: 2,
+			says: []string{"at version 2", "needs version 3", upHint},
+		},
+		{
+			name:    "current",
+			prepare: func(t *testing.T, schema string) { pgtest.Migrate(t, c, schema) },
+		},
+		{
+			name: "newer, compatible",
+			prepare: func(t *testing.T, schema string) {
+				pgtest.Migrate(t, c, schema)
+				setInfo(t, schema, 4, 3)
+			},
+		},
+		{
+			name: "newer, incompatible",
+			prepare: func(t *testing.T, schema string) {
+				pgtest.Migrate(t, c, schema)
+				setInfo(t, schema, 5, 4)
+			},
+			want: ErrSchemaIncompatible, exists: true, have: 5, from: 4,
+			says: []string{"at version 5", "version 4 or later", "written for version 3", "upgrade the client",
+				"migrations.Up", "`reaper migrate up`"},
+		},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			schema := tc.schema
+			if schema == "" {
+				schema = pgtest.NewSchemaName()
+			}
+			if tc.prepare != nil {
+				tc.prepare(t, schema)
+			}
+			err := checkSchema(ctx, pool, schema)
+			if tc.want == nil {
+				if err != nil {
+					t.Fatalf("checkSchema = %v, want nil", err)
+				}
+				return
+			}
+			var se *SchemaError
+			if !errors.Is(err, tc.want) || !errors.As(err, &se) {
+				t.Fatalf("checkSchema = %v, want a *SchemaError matching %v", err, tc.want)
+			}
+			other := ErrSchemaIncompatible
+			if tc.want == ErrSchemaIncompatible {
+				other = ErrSchemaNotMigrated
+			}
+			if errors.Is(err, other) {
+				t.Errorf("checkSchema = %v also matches %v", err, other)
+			}
+			want := SchemaError{Schema: schema, Exists: tc.exists, Have: tc.have, CompatibleFrom: tc.from, Need: SchemaVersion, Err: tc.want}
+			if *se != want {
+				t.Errorf("checkSchema = %+v, want %+v", *se, want)
+			}
+			msg := err.Error()
+			for _, s := range append(tc.says, pgx.Identifier{schema}.Sanitize(), tc.want.Error()) {
+				if !strings.Contains(msg, s) {
+					t.Errorf("checkSchema: %q does not say %q", msg, s)
+				}
+			}
+		})
+	}
+}
+
+func createSchema(t *testing.T, c *pgtest.Cluster, schema string) {
+	t.Helper()
+	pool := pgtest.NewPool(t, c, "schema-check")
+	if _, err := pool.Exec(context.Background(), "CREATE SCHEMA "+pgx.Identifier{schema}.Sanitize()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { pgtest.DropSchema(t, c, schema) })
+}

@@ -1,0 +1,17 @@
+package migrations
+
+import (
+	"context"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/pressly/goose/v3"
+)
+
+// UpTo applies the pending migrations of schema up to and including version,
+// so that tests can look at a schema as an older release left it.
+func UpTo(ctx context.Context, pool *pgxpool.Pool, schema string, version int64) error {
+	return withProvider(ctx, pool, schema, true, func(p *goose.Provider) error {
+		_, err := p.UpTo(ctx, version)
+		return err
+	})
+}
