@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -500,5 +501,25 @@ func TestConnectionsGoThroughPoolHooks(t *testing.T) {
 	mustRelease(t, e.ctx, la)
 	if hooks.Load() == before {
 		t.Fatal("the pinned connection did not go through BeforeConnect")
+	}
+}
+
+// The client checks the schema on first use: one never migrated gives a typed
+// error that says what to run, instead of "relation does not exist".
+func TestUnmigratedSchemaRefusedOnFirstUse(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	missing := pgtest.NewSchemaName()
+	c, err := lease.New(e.db.Pool, &lease.Config{Schema: missing})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close(e.ctx)
+	for range 2 { // and again: a failed check is not remembered as passed
+		_, err := c.TryAcquire(e.ctx, lease.Key{Name: "x", ID: "1"})
+		if !errors.Is(err, lease.ErrSchemaNotMigrated) || !strings.Contains(err.Error(), "migrations.Up") ||
+			!strings.Contains(err.Error(), "reaper migrate up") {
+			t.Fatalf("TryAcquire on an unmigrated schema = %v, want ErrSchemaNotMigrated naming migrations.Up and reaper migrate up", err)
+		}
 	}
 }

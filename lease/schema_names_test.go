@@ -15,15 +15,10 @@ import (
 	"github.com/pglease/pglease/migrations"
 )
 
-// advisoryOf returns c's advisory fast path with its defaults. The one place
-// to change when Client.Advisory loses its config argument.
+// advisoryOf returns c's advisory fast path.
 func advisoryOf(t *testing.T, c *lease.Client) *lease.Advisory {
 	t.Helper()
-	a, err := c.Advisory(nil)
-	if err != nil {
-		t.Fatalf("Advisory: %v", err)
-	}
-	return a
+	return c.Advisory()
 }
 
 // Schema names that the validator accepts work end to end: the migrations,
