@@ -262,6 +262,8 @@ func (a *Advisory) attempt(ctx context.Context, key Key, ks *keyState, wait bool
 			return nil, nil, errRetry // whatever it took went with the connection
 		}
 		return nil, nil, fmt.Errorf("lease: advisory acquire %s: %w", key, err)
+	case tok == advTableHeld && a.dropOwnRow(ctx, key):
+		return nil, nil, errRetry
 	case tok <= 0:
 		return nil, &LockedError{Key: key, busy: tok == advBusy}, nil
 	case closed:
@@ -270,6 +272,33 @@ func (a *Advisory) attempt(ctx context.Context, key Key, ks *keyState, wait bool
 		return nil, nil, errRetry // lost just now, with the connection
 	}
 	return nil, nil, errRetry
+}
+
+// dropOwnRow deletes the table row of key that belongs to this client's own
+// holder, if that is what holds the key, and reports whether it did. Such a
+// row is an orphan (an acquire cancelled in flight that committed late, a
+// release a crash undid): the client holds no lock on key, or it would not be
+// asking, and as the head of the key's queue the caller runs alone among this
+// client's acquirers of it. The heartbeat would find the row too, but its
+// clean-up queues behind this very acquirer, which would wait for the row for
+// as long as the client lives.
+func (a *Advisory) dropOwnRow(ctx context.Context, key Key) bool {
+	c := a.c
+	c.mu.Lock()
+	h := c.h
+	live := h != nil && !h.lost
+	c.mu.Unlock()
+	if !live {
+		return false
+	}
+	dctx, cancel := context.WithTimeout(ctx, c.cfg.ReleaseTimeout)
+	defer cancel()
+	tag, err := c.pool.Exec(dctx, c.q.dropOrphan, key.Name, key.ID, h.id)
+	if err != nil || tag.RowsAffected() == 0 {
+		return false
+	}
+	c.log.Info("pglease: deleted a lock row of this client's holder that it does not hold", "name", key.Name, "id", key.ID, "holder_id", h.id)
+	return true
 }
 
 // close gives the advisory path up. Called by Client.Close.

@@ -523,3 +523,33 @@ func TestUnmigratedSchemaRefusedOnFirstUse(t *testing.T) {
 		}
 	}
 }
+
+// A row of the client's own holder that it does not hold (here put back as a
+// crash that undid a release would) must not make the client's advisory
+// acquirer of that key wait for it: the heartbeat's clean-up of the row
+// queues behind that very acquirer. The advisory path deletes it itself.
+func TestAdvisoryAcquireDeletesOwnOrphanRow(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	c, _, _ := e.client(lease.Config{PollInterval: time.Hour})
+	warm := mustAcquire(t, e.ctx, c, lease.Key{Name: "warm", ID: "1"})
+	for _, wait := range []bool{false, true} {
+		k := lease.Key{Name: "own-orphan", ID: strconv.FormatBool(wait)}
+		e.exec("INSERT INTO "+e.table("locks")+" (name, entity_id, token, holder_id) VALUES ($1, $2, nextval($3::regclass), $4)",
+			k.Name, k.ID, e.table("token_seq"), warm.HolderID())
+		acquire := c.Advisory().TryAcquire
+		if wait {
+			acquire = c.Advisory().Acquire
+		}
+		ctx, cancel := context.WithTimeout(e.ctx, 20*time.Second)
+		l, err := acquire(ctx, k)
+		cancel()
+		if err != nil {
+			t.Fatalf("wait=%v: advisory acquire of a key held only by our own orphan row: %v", wait, err)
+		}
+		if n := e.rowsOf(k, warm.HolderID()); n != 0 {
+			t.Fatalf("wait=%v: %d orphan rows left", wait, n)
+		}
+		mustRelease(t, e.ctx, l)
+	}
+}
