@@ -160,6 +160,13 @@ func TestBinary(t *testing.T) {
 		}
 	})
 
+	t.Run("healthz failing", testHealthzFailing)
+	t.Run("first pass", testFirstPass)
+	t.Run("fail fast", testFailFast)
+	t.Run("permission names target", testPermissionNamesTarget)
+	t.Run("command line", testCommandLine)
+	t.Run("dry run wording", testDryRunWording)
+
 	t.Run("daemon SIGTERM", func(t *testing.T) {
 		t.Parallel()
 		f := newFixture(t)

@@ -12,8 +12,11 @@ import (
 	"github.com/pglease/pglease/reaper"
 )
 
-// metrics counts what the passes of this process did, for /metrics.
+// metrics counts what the passes of this process did, for /metrics, and
+// tells /healthz whether the passes are failing.
 type metrics struct {
+	unhealthyAfter int // failed passes in a row that make /healthz fail
+
 	mu           sync.Mutex
 	holders      int64 // rows deleted, real passes only
 	locks        int64
@@ -22,6 +25,8 @@ type metrics struct {
 	failures     int64
 	lastSuccess  time.Time
 	lastDuration time.Duration
+	failedInRow  int    // failed passes since the last good one
+	lastError    string // of the last failed pass
 }
 
 // observe is the reaper's OnPass hook.
@@ -40,9 +45,33 @@ func (m *metrics) observe(st reaper.Stats, err error) {
 	m.lastDuration = st.Duration
 	if err != nil {
 		m.failures++
+		m.failedInRow++
+		m.lastError = err.Error()
 		return
 	}
+	m.failedInRow = 0
 	m.lastSuccess = time.Now()
+}
+
+// health is what /healthz answers: healthy until unhealthyAfter passes in a
+// row have failed, and again after a good pass. The body says why.
+func (m *metrics) health() (healthy bool, body string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.failedInRow == 0 {
+		return true, "ok\n"
+	}
+	passes := "passes"
+	if m.failedInRow == 1 {
+		passes = "pass"
+	}
+	state := "ok"
+	healthy = m.failedInRow < m.unhealthyAfter
+	if !healthy {
+		state = "failing"
+	}
+	return healthy, fmt.Sprintf("%s: %d %s in a row failed (unhealthy after %d, --unhealthy-after); last error: %s\n",
+		state, m.failedInRow, passes, m.unhealthyAfter, m.lastError)
 }
 
 // ServeHTTP writes the Prometheus text exposition format (version 0.0.4).

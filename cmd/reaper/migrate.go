@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"strings"
@@ -18,28 +17,20 @@ import (
 const msgMigrateFailed = "reaper migrate failed"
 
 // runMigrate is "reaper migrate up|status|down".
-func runMigrate(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) int {
-	opts, err := parse(args, getenv, true)
-	switch {
-	case errors.Is(err, flag.ErrHelp):
-		fmt.Fprint(stdout, usageText)
-		return exitOK
-	case err != nil:
-		return usage(stderr, err)
-	}
+func runMigrate(ctx context.Context, opts *options, stdout, stderr io.Writer) int {
 	if opts.action == "down" && !opts.yes {
 		return usage(stderr, usagef("migrate down rolls back the latest migration of schema %q, which for the first one "+
 			"drops the tables and every lock in them: add --yes to confirm", opts.schema))
 	}
-	log, err := newLogger(stderr, opts)
-	if err != nil {
-		return usage(stderr, err)
-	}
-	pool, err := openPool(ctx, opts)
+	pool, tgt, err := openPool(ctx, opts)
 	if err != nil {
 		return usage(stderr, err)
 	}
 	defer pool.Close()
+	log, err := newLogger(stderr, opts, tgt)
+	if err != nil {
+		return usage(stderr, err)
+	}
 
 	switch opts.action {
 	case "up":
@@ -75,7 +66,7 @@ func runMigrate(ctx context.Context, args []string, getenv func(string) string, 
 	}
 	if err != nil {
 		log.Error(msgMigrateFailed, "action", opts.action, "schema", opts.schema,
-			"error", err.Error(), "hint", migrateHint(err, opts), "connection_settings", opts.urlSource)
+			"error", err.Error(), "hint", migrateHint(err, opts))
 		return exitFailed
 	}
 	return exitOK

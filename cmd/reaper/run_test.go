@@ -61,20 +61,33 @@ func TestUsageErrors(t *testing.T) {
 		want string
 	}{
 		{nil, nil, "give --once"},
-		{[]string{"--bogus"}, nil, "not defined: -bogus"},
+		{[]string{"--bogus"}, nil, "unknown flag --bogus"},
 		{[]string{"--once", "extra"}, nil, `unexpected argument "extra"`},
 		{[]string{"--once", "--schedule", "@hourly"}, nil, "both given"},
 		{[]string{"--schedule", "61 * * * *"}, nil, `invalid schedule "61 * * * *"`},
+		{[]string{"--schedule", "*/61 * * * *"}, nil, `the minute step "61" is out of range: use a step of 1 to 59`},
+		{[]string{"--schedule", "0 0 0 * *"}, nil, "the day-of-month 0 is out of range: day-of-month values are 1 to 31"},
+		{[]string{"--schedule", "*/90 0 0 * * *"}, nil, `the second step "90" is out of range`},
+		{[]string{"--schedule", "CRON_TZ=UTC 0 12-3 * * *"}, nil, "runs backwards"},
+		{[]string{"--schedule", "0 0 * * 7"}, nil, "day-of-week values are 0 to 6 (0 is Sunday), or SUN to SAT"},
 		{[]string{"--schedule", "@every 100ms"}, nil, "at least 1s"},
 		{nil, []string{"REAPER_SCHEDULE=every minute"}, "invalid schedule"},
 		{[]string{"--once", "--database-url", "postgres://u:hunter2@db:x/app"}, nil, "from --database-url cannot be parsed: invalid port"},
 		{[]string{"--once"}, []string{"DATABASE_URL=host=db sslmode=bogus password=hunter2"}, "from DATABASE_URL cannot be parsed: failed to configure TLS"},
 		{[]string{"--once", "--database-url", "postgres://u:hunter2@[::1/app"}, nil, "not a valid URL"},
-		{[]string{"--once", "--batch-size", "0"}, nil, "--batch-size 0: use 1 to 100000"},
-		{[]string{"--once", "--batch-size", "many"}, nil, `invalid value "many" for flag -batch-size`},
-		{[]string{"--once"}, []string{"REAPER_BATCH_SIZE=lots"}, `REAPER_BATCH_SIZE="lots"`},
-		{[]string{"--once", "--batch-timeout", "0s"}, nil, "--batch-timeout 0s: use a duration of at least 1ms"},
-		{[]string{"--once"}, []string{"REAPER_DRY_RUN=maybe"}, "REAPER_DRY_RUN"},
+		{[]string{"--once", "--batch-size", "0"}, nil, `--batch-size "0": want a whole number from 1 to 100000 (default 1000)`},
+		{[]string{"--once", "--batch-size", "abc"}, nil, `--batch-size "abc": want a whole number from 1 to 100000 (default 1000)`},
+		{[]string{"--once"}, []string{"REAPER_BATCH_SIZE=lots"}, `REAPER_BATCH_SIZE="lots": want a whole number from 1 to 100000`},
+		{[]string{"--once", "--batch-timeout", "0s"}, nil, `--batch-timeout "0s": want a Go duration of at least 1ms, such as 5s or 1m`},
+		{[]string{"--once", "--batch-timeout", "5"}, nil, `--batch-timeout "5": a number needs a unit: want a Go duration such as 5s or 1m`},
+		{[]string{"--once"}, []string{"REAPER_BATCH_TIMEOUT=soon"}, `REAPER_BATCH_TIMEOUT="soon": want a Go duration such as 5s or 1m`},
+		{[]string{"--once"}, []string{"REAPER_DRY_RUN=maybe"}, `REAPER_DRY_RUN="maybe": want true or false (also accepted: 1, t, T, TRUE, True, 0, f, F, FALSE, False)`},
+		{nil, []string{"REAPER_ONCE=yes"}, `REAPER_ONCE="yes": want true or false`},
+		{[]string{"--once=yes"}, nil, `--once "yes": want true or false`},
+		{[]string{"--schedule", "@hourly", "--unhealthy-after", "0"}, nil, `--unhealthy-after "0": want a whole number from 1 to 1000000 (default 3)`},
+		{[]string{"--once", "--schema"}, nil, "--schema needs a value"},
+		{[]string{"--once", "--yes"}, nil, `--yes is a flag of "reaper migrate" only`},
+		{[]string{"help", "sideways"}, nil, `no help on "sideways"`},
 		{[]string{"--once", "--log-format", "xml"}, nil, "use text or json"},
 		{[]string{"--once", "--log-level", "loud"}, nil, "use debug, info, warn or error"},
 		{[]string{"--once", "--listen", ":0"}, nil, "--listen needs --schedule"},
@@ -83,11 +96,13 @@ func TestUsageErrors(t *testing.T) {
 		{[]string{"migrate"}, nil, "needs an action"},
 		{[]string{"migrate", "sideways"}, nil, "actions are up, status and down"},
 		{[]string{"migrate", "down"}, nil, "add --yes"},
-		{[]string{"migrate", "up", "--once"}, nil, "not defined: -once"},
+		{[]string{"migrate", "up", "--once"}, nil, `--once is not a flag of "reaper migrate"`},
+		{[]string{"--dry-run", "migrate", "up"}, nil, `--dry-run is not a flag of "reaper migrate"`},
+		{[]string{"migrate", "up", "--", "--schema"}, nil, `unexpected argument "--schema"`},
 		{[]string{"migrate", "up", "now"}, nil, `unexpected argument "now"`},
 	} {
 		res := runIn(t, t.Context(), tc.env, tc.args...)
-		if res.code != exitUsage || !strings.Contains(res.stderr, tc.want) || !strings.Contains(res.stderr, "reaper --help") {
+		if res.code != exitUsage || !strings.Contains(res.stderr, tc.want) || !strings.Contains(res.stderr, `Run "reaper help" for usage.`) {
 			t.Errorf("run %q (env %q) = %d, stderr %q; want exit 2 and %q", tc.args, tc.env, res.code, res.stderr, tc.want)
 		}
 		if strings.Contains(res.stderr, "hunter2") {
@@ -98,10 +113,17 @@ func TestUsageErrors(t *testing.T) {
 
 func TestHelpAndVersion(t *testing.T) {
 	t.Parallel()
-	for _, args := range [][]string{{"--help"}, {"-h"}, {"migrate", "--help"}} {
+	for _, args := range [][]string{{"--help"}, {"-h"}, {"help"}, {"--schema", "x", "help"}, {"--help", "migrate"}} {
 		res := runIn(t, t.Context(), nil, args...)
-		if res.code != exitOK || !strings.Contains(res.stdout, "Examples:") || !strings.Contains(res.stdout, "Exit codes:") {
+		if res.code != exitOK || !strings.Contains(res.stdout, "Examples:") || !strings.Contains(res.stdout, "Exit codes:") ||
+			!strings.Contains(res.stdout, "--unhealthy-after N") {
 			t.Errorf("%q: exit %d, stdout %q", args, res.code, res.stdout)
+		}
+	}
+	for _, args := range [][]string{{"help", "migrate"}, {"migrate", "--help"}, {"migrate", "up", "-h"}} {
+		res := runIn(t, t.Context(), nil, args...)
+		if res.code != exitOK || !strings.HasPrefix(res.stdout, "reaper migrate applies") || !strings.Contains(res.stdout, "--yes") {
+			t.Errorf("%q: exit %d, stdout %q; want the help of migrate", args, res.code, res.stdout)
 		}
 	}
 	res := runIn(t, t.Context(), nil, "--version")
@@ -129,8 +151,11 @@ func TestOnce(t *testing.T) {
 	if err := json.Unmarshal([]byte(res.stderr), &line); err != nil {
 		t.Fatalf("JSON log %q: %v", res.stderr, err)
 	}
-	if line.Msg != "reaper pass done" || line.Holders != 2 || line.Locks != 6 || !line.DryRun {
+	if line.Msg != "reaper dry run done, would delete" || line.Holders != 2 || line.Locks != 6 || !line.DryRun {
 		t.Fatalf("dry run log: %+v", line)
+	}
+	if want := fmt.Sprintf("dry run: would delete 2 dead holder rows and 6 lock rows of dead holders in schema %q; nothing was deleted\n", f.Schema); res.stdout != want {
+		t.Fatalf("dry run summary %q; want %q", res.stdout, want)
 	}
 	if h, l := f.rows(t); h != 3 || l != 8 {
 		t.Fatalf("dry run deleted rows: %d holders, %d locks left", h, l)
@@ -163,12 +188,15 @@ func TestOnceFailures(t *testing.T) {
 	t.Parallel()
 	url := pgtest.Shared(t).URL()
 	res := runIn(t, t.Context(), []string{"DATABASE_URL=" + url}, "--once", "--schema", pgtest.NewSchemaName())
-	if res.code != exitFailed || !strings.Contains(res.stderr, "schema not migrated") || !strings.Contains(res.stderr, "migrate up") {
-		t.Fatalf("unmigrated schema: exit %d, stderr %q", res.code, res.stderr)
+	if res.code != exitFailed || !strings.Contains(res.stderr, "schema not migrated") || !strings.Contains(res.stderr, "migrate up") ||
+		!strings.Contains(res.stderr, " user=postgres ") || !strings.Contains(res.stderr, " database=postgres ") ||
+		!strings.Contains(res.stderr, " host=127.0.0.1:") {
+		t.Fatalf("unmigrated schema: exit %d, stderr %q; want the user, host and database named", res.code, res.stderr)
 	}
 	res = runIn(t, t.Context(), nil, "--once", "--database-url", "postgres://u:hunter2@127.0.0.1:"+closedPort(t)+"/db")
 	if res.code != exitFailed || !strings.Contains(res.stderr, "database unreachable") ||
-		!strings.Contains(res.stderr, "connection_settings=--database-url") || strings.Contains(res.stderr, "hunter2") {
+		!strings.Contains(res.stderr, "connection_settings=--database-url") || !strings.Contains(res.stderr, " user=u ") ||
+		!strings.Contains(res.stderr, " database=db ") || strings.Contains(res.stderr, "hunter2") {
 		t.Fatalf("unreachable: exit %d, stderr %q", res.code, res.stderr)
 	}
 }
@@ -223,7 +251,7 @@ func get(t *testing.T, url string) (int, string) {
 	return resp.StatusCode, string(b)
 }
 
-// The daemon serves /healthz and /metrics, runs passes on its schedule, and
+// The daemon serves /healthz and /metrics, runs a pass at start and then on its schedule, and
 // stops cleanly when its context is cancelled (as by SIGTERM).
 func TestDaemon(t *testing.T) {
 	t.Parallel()
@@ -237,11 +265,12 @@ func TestDaemon(t *testing.T) {
 	}()
 	var seen []string
 	addr := waitLine(t, out, `msg="reaper listening" addr=(\S+)`, &seen)[1]
-	waitLine(t, out, `msg="reaper started" .*schedule="\* \* \* \* \* \*"`, &seen)
+	// The first pass runs at start, before the schedule does.
+	waitLine(t, out, `msg="reaper pass done" .*holders=2 locks=6`, &seen)
+	waitLine(t, out, `msg="reaper started" .*schedule="\* \* \* \* \* \*".* first_pass=true`, &seen)
 	if code, body := get(t, "http://"+addr+"/healthz"); code != 200 || body != "ok\n" {
 		t.Fatalf("/healthz: %d %q", code, body)
 	}
-	waitLine(t, out, `msg="reaper pass done" .*holders=2 locks=6`, &seen)
 	code, body := get(t, "http://"+addr+"/metrics")
 	for _, want := range []string{
 		"# TYPE pglease_reaper_rows_reaped_total counter\n",
