@@ -373,7 +373,7 @@ func hasLibpqEnv(getenv func(string) string) bool {
 
 func (o *options) validate() error {
 	if err := ident.ValidateSchema(o.schema); err != nil {
-		return usagef("--schema %q is not usable: %s", o.schema, strings.TrimPrefix(err.Error(), "lease: "))
+		return usagef("--schema %q is not usable: %s", o.schema, err)
 	}
 	switch o.logFormat {
 	case "text", "json":
