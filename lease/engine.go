@@ -76,11 +76,13 @@ func (c *Client) acquire(ctx context.Context, m acquireMode, key Key, wait bool)
 	if err := ctx.Err(); err != nil {
 		return nil, context.Cause(ctx)
 	}
-	if l := heldIn(ctx, c, key); l != nil {
-		return nil, c.reentryError(l)
-	}
 	mk := key.mapKey()
 	c.mu.Lock()
+	if l := heldIn(ctx, c, key); l != nil {
+		err := c.heldHereLocked(l)
+		c.mu.Unlock()
+		return nil, err
+	}
 	if err := c.usableLocked(m); err != nil {
 		c.mu.Unlock()
 		return nil, err
@@ -109,7 +111,7 @@ func (c *Client) acquire(ctx context.Context, m acquireMode, key Key, wait bool)
 			free = nil
 		}
 		if free != nil && !wait {
-			err := c.heldHereLocked(key, ks)
+			err := c.heldHereLocked(ks.held)
 			c.mu.Unlock()
 			return nil, err
 		}
@@ -197,7 +199,7 @@ func (c *Client) enqueueLocked(key Key, mk string, wait, cleanup bool) (*keyStat
 	}
 	if !wait && !cleanup {
 		if ks.held != nil {
-			return nil, nil, c.heldHereLocked(key, ks)
+			return nil, nil, c.heldHereLocked(ks.held)
 		}
 		if ks.wantedLocked() {
 			return nil, nil, c.lockedHereLocked(key)
@@ -295,22 +297,14 @@ func heldIn(ctx context.Context, c *Client, key Key) *Lock {
 	return nil
 }
 
-// reentryError is the error for an acquire from inside l's critical section.
-func (c *Client) reentryError(l *Lock) error {
+// heldHereLocked is the error for a try of a key this client holds as l, or
+// for an acquire from inside l's critical section (c.mu held).
+func (c *Client) heldHereLocked(l *Lock) error {
 	e := c.lockedHereLocked(l.key)
 	e.ByThisClient = true
 	e.HolderID = l.HolderID()
 	e.AcquiredAt = l.acquiredAt
-	return e
-}
-
-// heldHereLocked is the error for a try of a key this client holds.
-func (c *Client) heldHereLocked(key Key, ks *keyState) error {
-	e := c.lockedHereLocked(key)
-	e.ByThisClient = true
-	e.HolderID = ks.held.HolderID()
-	e.AcquiredAt = ks.held.acquiredAt
-	if t, ok := ks.held.mode.(*tableLock); ok {
+	if t, ok := l.mode.(*tableLock); ok {
 		e.ExpiresIn = time.Until(t.h.deadline)
 	}
 	return e
