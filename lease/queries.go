@@ -29,9 +29,9 @@ func newQueries(schema string) queries {
 		acquire: `SELECT acquired, token, holder_id, host, pid, application, acquired_at,
 			(extract(epoch FROM expires_in) * 1000000)::bigint, busy
 			FROM ` + s + `.acquire($1, $2, $3, $4)`,
-		release: `SELECT ` + s + `.release($1, $2, $3, $4, $5)`,
-		renew:   `SELECT alive, locks, tokens_xor FROM ` + s + `.renew($1, $2)`,
-		verify:  `SELECT name, entity_id, token FROM ` + s + `.holder_locks($1, $2)`,
+		release:    `SELECT ` + s + `.release($1, $2, $3, $4, $5)`,
+		renew:      `SELECT alive, locks, tokens_xor FROM ` + s + `.renew($1, $2)`,
+		verify:     `SELECT name, entity_id, token FROM ` + s + `.holder_locks($1, $2)`,
 		dropHolder: `SELECT ` + s + `.close_holder($1, $2)`,
 		dropOrphan: `SELECT ` + s + `.drop_orphan($1, $2, $3, $4)`,
 		fence:      `SELECT ` + s + `.fence($1, $2, $3)`,
