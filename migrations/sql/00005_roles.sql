@@ -110,21 +110,97 @@ $$;
 -- +goose StatementEnd
 REVOKE EXECUTE ON FUNCTION register(text, integer, text, interval, bytea) FROM PUBLIC;
 
--- acquire, for holder p_holder proving itself with p_secret: what
--- acquire(name, id, holder) of version 1 does, with the same result. Without
--- the check, a caller could pass another holder's id and have that holder's
--- lock row replaced as if it were the caller's own orphan.
+-- acquire, for holder p_holder proving itself with p_secret: version 1's
+-- acquire(name, id, holder), with the same result and the same steps (read
+-- its comments there), and the check folded into its first statement.
+-- Without the check, a caller could pass another holder's id and have that
+-- holder's lock row replaced as if it were the caller's own orphan.
+--
+-- It is written out whole rather than calling version 1's function: each
+-- call of a function with a pinned search_path costs a configuration change
+-- on entry and exit, and the hot path pays for none it does not need.
+-- key_hash stays a call: it is the one definition of the key's hash.
 -- +goose StatementBegin
 CREATE FUNCTION acquire(p_name text, p_id text, p_holder bigint, p_secret bytea)
 RETURNS TABLE (acquired boolean, token bigint, holder_id bigint, host text, pid integer,
                application text, acquired_at timestamptz, expires_in interval, busy boolean)
 LANGUAGE plpgsql SECURITY DEFINER AS $$
+DECLARE
+    cur      locks%ROWTYPE;
+    h_exp    timestamptz;
+    have_row boolean;
+    mine     boolean;
+    alive    boolean;
 BEGIN
-    IF NOT holder_matches(p_holder, p_secret) THEN
+    SELECT h.secret_hash = sha256(p_secret), h.expires_at > clock_timestamp() INTO mine, alive
+      FROM holders h WHERE h.id = p_holder;
+    IF FOUND AND mine IS NOT TRUE THEN
+        RAISE EXCEPTION 'pglease: the secret given is not that of holder %', p_holder
+            USING ERRCODE = '42L01',
+                  HINT = 'a holder acts only for itself: pass the secret it registered with';
+    END IF;
+    IF alive IS NOT TRUE THEN
         RAISE EXCEPTION 'pglease: holder % has expired', p_holder
             USING ERRCODE = '55L02', HINT = 'register a new holder';
     END IF;
-    RETURN QUERY SELECT * FROM acquire(p_name, p_id, p_holder);
+
+    IF current_setting('synchronous_commit') = 'off' THEN
+        PERFORM set_config('synchronous_commit', 'on', true);
+    END IF;
+
+    SELECT l.* INTO cur FROM locks l WHERE l.name = p_name AND l.entity_id = p_id;
+    IF FOUND AND cur.holder_id <> p_holder THEN
+        SELECT h.expires_at INTO h_exp FROM holders h WHERE h.id = cur.holder_id;
+        IF h_exp > clock_timestamp() THEN
+            RETURN QUERY SELECT false, NULL::bigint, cur.holder_id, h.host, h.pid, h.application,
+                                cur.acquired_at, h.expires_at - clock_timestamp(), false
+                         FROM holders h WHERE h.id = cur.holder_id;
+            RETURN;
+        END IF;
+    END IF;
+
+    IF NOT pg_try_advisory_xact_lock(key_hash(p_name, p_id)) THEN
+        RETURN QUERY SELECT false, NULL::bigint, NULL::bigint, NULL::text, NULL::integer,
+                            NULL::text, NULL::timestamptz, NULL::interval, true;
+        RETURN;
+    END IF;
+
+    SELECT l.* INTO cur FROM locks l WHERE l.name = p_name AND l.entity_id = p_id
+        FOR UPDATE SKIP LOCKED;
+    have_row := FOUND;
+    IF have_row AND cur.holder_id = p_holder THEN
+        NULL; -- our own orphan: replace it
+    ELSIF have_row THEN
+        UPDATE holders h SET expires_at = h.expires_at
+         WHERE h.id = cur.holder_id AND h.expires_at <= clock_timestamp();
+        IF NOT FOUND THEN
+            SELECT h.expires_at INTO h_exp FROM holders h WHERE h.id = cur.holder_id;
+            IF FOUND THEN
+                RETURN QUERY SELECT false, NULL::bigint, cur.holder_id, h.host, h.pid, h.application,
+                                    cur.acquired_at, h.expires_at - clock_timestamp(), false
+                             FROM holders h WHERE h.id = cur.holder_id;
+                RETURN;
+            END IF;
+        END IF;
+    END IF;
+    IF have_row THEN
+        PERFORM set_config('pglease.quiet', 'on', true);
+        DELETE FROM locks l WHERE l.name = p_name AND l.entity_id = p_id AND l.token = cur.token;
+        PERFORM set_config('pglease.quiet', 'off', true);
+    ELSIF EXISTS (SELECT 1 FROM locks l WHERE l.name = p_name AND l.entity_id = p_id) THEN
+        RETURN QUERY SELECT false, NULL::bigint, NULL::bigint, NULL::text, NULL::integer,
+                            NULL::text, NULL::timestamptz, NULL::interval, true;
+        RETURN;
+    END IF;
+
+    IF current_setting('pglease.guard_' || md5(current_schema()), true) IS DISTINCT FROM 'on' THEN
+        PERFORM guard_tokens();
+    END IF;
+    RETURN QUERY
+        INSERT INTO locks AS l (name, entity_id, token, holder_id)
+        VALUES (p_name, p_id, nextval('token_seq'), p_holder)
+        RETURNING true, l.token, l.holder_id, NULL::text, NULL::integer, NULL::text,
+                  l.acquired_at, NULL::interval, false;
 END
 $$;
 -- +goose StatementEnd
@@ -132,38 +208,48 @@ REVOKE EXECUTE ON FUNCTION acquire(text, text, bigint, bytea) FROM PUBLIC;
 
 -- release deletes holder p_holder's lock row of (p_name, p_id) with exactly
 -- p_token, and says whether it did. As version 1's release, it commits
--- asynchronously. A holder row that is gone (closed or reaped) has no lock to
--- release: false.
+-- asynchronously. The check is folded into the DELETE; only a release that
+-- deleted nothing looks at why. A holder row that is gone (closed or reaped)
+-- has no lock to release: false.
 -- +goose StatementBegin
 CREATE FUNCTION release(p_name text, p_id text, p_token bigint, p_holder bigint, p_secret bytea)
 RETURNS boolean
 LANGUAGE plpgsql SECURITY DEFINER AS $$
 BEGIN
     PERFORM set_config('synchronous_commit', 'off', true);
-    IF NOT holder_matches(p_holder, p_secret) THEN
-        RETURN false;
+    DELETE FROM locks l USING holders h
+     WHERE l.name = p_name AND l.entity_id = p_id AND l.token = p_token AND l.holder_id = p_holder
+       AND h.id = p_holder AND h.secret_hash = sha256(p_secret);
+    IF FOUND THEN
+        RETURN true;
     END IF;
-    DELETE FROM locks l
-     WHERE l.name = p_name AND l.entity_id = p_id AND l.token = p_token AND l.holder_id = p_holder;
-    RETURN FOUND;
+    PERFORM holder_matches(p_holder, p_secret); -- raises for another holder's id
+    RETURN false;
 END
 $$;
 -- +goose StatementEnd
 REVOKE EXECUTE ON FUNCTION release(text, text, bigint, bigint, bytea) FROM PUBLIC;
 
 -- renew, the heartbeat, for holder p_holder proving itself with p_secret:
--- version 1's renew with the check. alive is false when the holder expired
--- or is gone; it is never revived.
+-- version 1's renew with the check folded into its UPDATE. alive is false
+-- when the holder expired or is gone; it is never revived.
 -- +goose StatementBegin
 CREATE FUNCTION renew(p_holder bigint, p_secret bytea)
 RETURNS TABLE (alive boolean, locks bigint, tokens_xor bigint)
 LANGUAGE plpgsql SECURITY DEFINER AS $$
 BEGIN
-    IF NOT holder_matches(p_holder, p_secret) THEN
+    IF current_setting('synchronous_commit') = 'off' THEN
+        PERFORM set_config('synchronous_commit', 'on', true);
+    END IF;
+    UPDATE holders h SET expires_at = clock_timestamp() + h.ttl
+     WHERE h.id = p_holder AND h.expires_at > clock_timestamp() AND h.secret_hash = sha256(p_secret);
+    IF NOT FOUND THEN
+        PERFORM holder_matches(p_holder, p_secret); -- raises for another holder's id
         RETURN QUERY SELECT false, 0::bigint, 0::bigint;
         RETURN;
     END IF;
-    RETURN QUERY SELECT * FROM renew(p_holder);
+    RETURN QUERY SELECT true, count(*), coalesce(bit_xor(l.token), 0)
+                   FROM locks l WHERE l.holder_id = p_holder;
 END
 $$;
 -- +goose StatementEnd
