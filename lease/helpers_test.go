@@ -113,3 +113,17 @@ func closed(ch <-chan struct{}) bool {
 		return false
 	}
 }
+
+// acquireInBackground starts c.Acquire(ctx, k) and delivers its lock (nil on
+// an error, which fails the test).
+func acquireInBackground(t *testing.T, ctx context.Context, c *lease.Client, k lease.Key) <-chan *lease.Lock {
+	got := make(chan *lease.Lock, 1)
+	go func() {
+		l, err := c.Acquire(ctx, k)
+		if err != nil {
+			t.Errorf("waiting Acquire of %s: %v", k, err)
+		}
+		got <- l
+	}()
+	return got
+}

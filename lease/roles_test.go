@@ -96,14 +96,7 @@ func TestApplicationRoleCanUseEverything(t *testing.T) {
 	}
 
 	// A waiter of the same role gets the key at the release.
-	got := make(chan *lease.Lock, 1)
-	go func() {
-		lb, err := b.Acquire(e.ctx, k)
-		if err != nil {
-			t.Errorf("waiting Acquire: %v", err)
-		}
-		got <- lb
-	}()
+	got := acquireInBackground(t, e.ctx, b, k)
 	if err := l.Release(e.ctx); err != nil {
 		t.Fatalf("Release: %v", err)
 	}
@@ -201,7 +194,7 @@ func TestApplicationRoleRefused(t *testing.T) {
 	}
 	wrong := []byte("a guess at the victim's secret..")
 
-	const denied, notHolder = "42501", "42L01"
+	const denied, notHolder = "42501", lease.SQLStateNotThisHolder
 	// Tables: no writes at all.
 	e.wantSQLState(p, denied, "DELETE FROM "+e.table("locks")+" WHERE holder_id = $1", vid)
 	e.wantSQLState(p, denied, "INSERT INTO "+e.table("locks")+" (name, entity_id, token, holder_id) VALUES ('invoice', '2', 1, $1)", own)

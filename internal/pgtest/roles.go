@@ -48,6 +48,9 @@ func NewRole(tb testing.TB, c *Cluster, prefix string) *Role {
 	return r
 }
 
+// Password is the role's password.
+func (r *Role) Password() string { return r.password }
+
 // Connect makes a pool configuration log in as the role.
 func (r *Role) Connect(cfg *pgxpool.Config) {
 	cfg.ConnConfig.User = r.Name
