@@ -255,6 +255,19 @@ func TestUpDownUp(t *testing.T) {
 		t.Fatalf("catalog at version 2 misses key_hash or locks:\n%s", v2)
 	}
 	hashV2 := keyHash(t, pool, schema, "on")
+	st, err := migrations.Status(ctx, pool, schema)
+	if err != nil {
+		t.Fatal(err)
+	}
+	latest := int(st[len(st)-1].Version)
+	// upFrom2 applies every migration after 2, in order.
+	upFrom2 := func(when string) {
+		t.Helper()
+		res, err := migrations.Up(ctx, pool, schema)
+		if err != nil || len(res) != len(st)-2 || int(res[0].Version) != 3 || int(res[len(res)-1].Version) != latest {
+			t.Fatalf("%s = %+v, %v; want versions 3 to %d applied", when, res, err, latest)
+		}
+	}
 
 	check := func(when string) {
 		t.Helper()
@@ -271,8 +284,8 @@ func TestUpDownUp(t *testing.T) {
 		if err := pool.QueryRow(ctx, "SELECT version, compatible_from FROM "+pgx.Identifier{schema, "schema_info"}.Sanitize()+"()").Scan(&version, &from); err != nil {
 			t.Fatalf("%s: schema_info(): %v", when, err)
 		}
-		if version != 3 || from != 3 {
-			t.Fatalf("%s: schema_info() = (%d, %d), want (3, 3)", when, version, from)
+		if version != latest || from != 3 {
+			t.Fatalf("%s: schema_info() = (%d, %d), want (%d, 3)", when, version, from, latest)
 		}
 		rows, err := pool.Query(ctx, `SELECT p.proname, coalesce(p.proconfig, '{}') FROM pg_proc p
 			JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = $1`, schema)
@@ -308,19 +321,25 @@ func TestUpDownUp(t *testing.T) {
 		}
 	}
 
-	if res, err := migrations.Up(ctx, pool, schema); err != nil || len(res) != 1 || res[0].Version != 3 {
-		t.Fatalf("Up from 2 = %+v, %v; want version 3 applied", res, err)
-	}
+	upFrom2("Up from 2")
 	check("after Up")
-	if res, err := migrations.Down(ctx, pool, schema); err != nil || res == nil || res.Version != 3 {
-		t.Fatalf("Down = %+v, %v; want version 3 rolled back", res, err)
+	// Every Down after 2, newest first, puts the schema back as it was.
+	for i := len(st) - 1; i >= 2; i-- {
+		res, err := migrations.Down(ctx, pool, schema)
+		if err != nil || res == nil || res.Version != st[i].Version {
+			t.Fatalf("Down = %+v, %v; want version %d rolled back", res, err, st[i].Version)
+		}
+		if prev := int(st[i-1].Version); prev > 2 {
+			var version int
+			if err := pool.QueryRow(ctx, "SELECT version FROM "+pgx.Identifier{schema, "schema_info"}.Sanitize()+"()").Scan(&version); err != nil || version != prev {
+				t.Fatalf("after Down to %d: schema_info() says version %d, %v", prev, version, err)
+			}
+		}
 	}
 	if got := catalog(t, pool, schema); got != v2 {
 		t.Fatalf("after Down the schema differs from version 2:\n%s\nwant:\n%s", got, v2)
 	}
-	if res, err := migrations.Up(ctx, pool, schema); err != nil || len(res) != 1 || res[0].Version != 3 {
-		t.Fatalf("Up again = %+v, %v; want version 3 applied", res, err)
-	}
+	upFrom2("Up again")
 	check("after Up, Down, Up")
 }
 
