@@ -323,6 +323,18 @@ REVOKE EXECUTE ON FUNCTION advisory_takeover(text, text) FROM PUBLIC;
 ALTER FUNCTION guard_tokens() SECURITY DEFINER;
 REVOKE EXECUTE ON FUNCTION guard_tokens() FROM PUBLIC;
 
+-- Reaping (version 4) deletes rows and takes FOR UPDATE row locks: its
+-- functions now run with the owner's rights too, so that a reaper role needs
+-- no table privilege. The procedure reap cannot be SECURITY DEFINER (it
+-- commits between batches); it does nothing itself but call them.
+ALTER FUNCTION reap_holders(integer) SECURITY DEFINER;
+REVOKE EXECUTE ON FUNCTION reap_holders(integer) FROM PUBLIC;
+ALTER FUNCTION reap_locks(integer, bigint) SECURITY DEFINER;
+REVOKE EXECUTE ON FUNCTION reap_locks(integer, bigint) FROM PUBLIC;
+ALTER FUNCTION reap_dry_run() SECURITY DEFINER;
+REVOKE EXECUTE ON FUNCTION reap_dry_run() FROM PUBLIC;
+REVOKE EXECUTE ON PROCEDURE reap(integer, interval, bigint, bigint, bigint) FROM PUBLIC;
+
 -- force_release frees the table lock (p_name, p_id) whoever holds it, for a
 -- DBA: it deletes the lock row as a DBA's DELETE does (so its holder is told,
 -- by the notification and by its next heartbeat, with reason row deleted),
@@ -370,7 +382,7 @@ DECLARE
 BEGIN
     EXECUTE format('GRANT USAGE ON SCHEMA %I TO %s', current_schema(), p_role);
     FOREACH f IN ARRAY p_functions LOOP
-        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %s', f::regprocedure, p_role);
+        EXECUTE format('GRANT EXECUTE ON ROUTINE %s TO %s', f::regprocedure, p_role);
     END LOOP;
     FOREACH r IN ARRAY p_relations LOOP
         EXECUTE format('GRANT SELECT ON %s TO %s', r::regclass, p_role);
@@ -403,17 +415,15 @@ $$;
 -- +goose StatementEnd
 REVOKE EXECUTE ON FUNCTION grant_application(regrole) FROM PUBLIC;
 
--- grant_reaper: reaping (version 4's functions) and the views, nothing else.
+-- grant_reaper: reaping (version 4's functions and its procedure reap) and
+-- the views, nothing else.
 -- +goose StatementBegin
 CREATE FUNCTION grant_reaper(p_role regrole) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM grant_schema_objects(p_role,
-        ARRAY(SELECT p.oid::regprocedure::text
-                FROM pg_proc p
-               WHERE p.pronamespace = (SELECT ns.oid FROM pg_namespace ns WHERE ns.nspname = current_schema())
-                 AND p.proname IN ('reap_holders', 'reap_locks', 'reap_preview', 'reap')
-               ORDER BY p.oid) || ARRAY['schema_info()'],
+        ARRAY['schema_info()', 'reap_holders(integer)', 'reap_locks(integer,bigint)', 'reap_dry_run()',
+              'reap(integer,interval,bigint,bigint,bigint)'],
         ARRAY['held', 'holder_status']);
 END
 $$;
@@ -477,6 +487,13 @@ DROP FUNCTION grant_reaper(regrole);
 DROP FUNCTION grant_application(regrole);
 DROP FUNCTION grant_schema_objects(regrole, text[], text[]);
 DROP FUNCTION force_release(text, text, text);
+GRANT EXECUTE ON PROCEDURE reap(integer, interval, bigint, bigint, bigint) TO PUBLIC;
+ALTER FUNCTION reap_dry_run() SECURITY INVOKER;
+GRANT EXECUTE ON FUNCTION reap_dry_run() TO PUBLIC;
+ALTER FUNCTION reap_locks(integer, bigint) SECURITY INVOKER;
+GRANT EXECUTE ON FUNCTION reap_locks(integer, bigint) TO PUBLIC;
+ALTER FUNCTION reap_holders(integer) SECURITY INVOKER;
+GRANT EXECUTE ON FUNCTION reap_holders(integer) TO PUBLIC;
 ALTER FUNCTION guard_tokens() SECURITY INVOKER;
 GRANT EXECUTE ON FUNCTION guard_tokens() TO PUBLIC;
 ALTER FUNCTION advisory_takeover(text, text) SECURITY INVOKER;
