@@ -12,9 +12,11 @@ import (
 )
 
 // BenchmarkMetricsOverhead: uncontended table Acquire+Release by a client
-// without a MeterProvider and by one with the SDK's (a ManualReader),
-// interleaved on one durable cluster, each with a pool of its own and its
-// own key. x_without is the ratio of the two.
+// without a MeterProvider and by one with the SDK's (a ManualReader), and by
+// a second client without one as a control, interleaved on one durable
+// cluster, each with a pool and a key of its own. x_without is the ratio of
+// the first two; x_control that of the two clients without, which shows how
+// far two identical arms drift apart on this machine in the same run.
 //
 //	go test -run '^$' -bench '^BenchmarkMetricsOverhead$' -benchtime 3000x ./lease/
 func BenchmarkMetricsOverhead(b *testing.B) {
@@ -22,8 +24,15 @@ func BenchmarkMetricsOverhead(b *testing.B) {
 	r := sdkmetric.NewManualReader()
 	mp := sdkmetric.NewMeterProvider(sdkmetric.WithReader(r))
 	b.Cleanup(func() { _ = mp.Shutdown(context.Background()) })
-	without := e.client(lease.Config{}, 4, nil)
-	with := e.client(lease.Config{MeterProvider: mp}, 4, nil)
+	arms := []struct {
+		c *lease.Client
+		k lease.Key
+		t time.Duration
+	}{
+		{c: e.client(lease.Config{}, 4, nil), k: lease.Key{Name: "bench", ID: "without"}},
+		{c: e.client(lease.Config{MeterProvider: mp}, 4, nil), k: lease.Key{Name: "bench", ID: "with"}},
+		{c: e.client(lease.Config{}, 4, nil), k: lease.Key{Name: "bench", ID: "control"}},
+	}
 	pair := func(c *lease.Client, k lease.Key) {
 		l, err := c.Acquire(e.ctx, k)
 		if err != nil {
@@ -33,24 +42,19 @@ func BenchmarkMetricsOverhead(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
-	kWithout, kWith := lease.Key{Name: "bench", ID: "without"}, lease.Key{Name: "bench", ID: "with"}
 	const warm = 50 // register the holders, warm pools and caches
 	for range warm {
-		pair(without, kWithout)
-		pair(with, kWith)
+		for _, a := range arms {
+			pair(a.c, a.k)
+		}
 	}
-	var tWithout, tWith time.Duration
 	b.ResetTimer()
 	for i := range b.N {
-		for j := range 2 { // alternate which goes first
+		for j := range arms { // rotate the order so that none always follows another
+			a := &arms[(i+j)%len(arms)]
 			start := time.Now()
-			if (i+j)%2 == 0 {
-				pair(without, kWithout)
-				tWithout += time.Since(start)
-			} else {
-				pair(with, kWith)
-				tWith += time.Since(start)
-			}
+			pair(a.c, a.k)
+			a.t += time.Since(start)
 		}
 	}
 	b.StopTimer()
@@ -71,8 +75,11 @@ func BenchmarkMetricsOverhead(b *testing.B) {
 	if recorded != uint64(b.N+warm) {
 		b.Fatalf("%d acquires recorded, want %d", recorded, b.N+warm)
 	}
-	b.ReportMetric(float64(tWith)/float64(b.N), "ns/op")
-	b.ReportMetric(us(tWithout, b.N), "without_us")
-	b.ReportMetric(us(tWith, b.N), "with_us")
-	b.ReportMetric(float64(tWith)/float64(tWithout), "x_without")
+	without, with, control := arms[0].t, arms[1].t, arms[2].t
+	b.ReportMetric(float64(with)/float64(b.N), "ns/op")
+	b.ReportMetric(us(without, b.N), "without_us")
+	b.ReportMetric(us(with, b.N), "with_us")
+	b.ReportMetric(us(control, b.N), "control_us")
+	b.ReportMetric(float64(with)/float64(without), "x_without")
+	b.ReportMetric(float64(control)/float64(without), "x_control")
 }
