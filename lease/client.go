@@ -33,10 +33,12 @@ type Client struct {
 	disp    *dispatch.Dispatcher
 	table   tableMode
 	adv     *Advisory
+	met     *meters // nil without Config.MeterProvider
 
 	// Lock order: mu before the advisory path's pinSet.mu; nothing else is
 	// taken while mu is held, and mu is never held while calling into the
 	// dispatcher or sending a statement.
+	// The held-locks instrument (metrics) is updated under mu.
 	mu            sync.Mutex
 	closed        bool
 	closing       chan struct{} // closed by Close
@@ -67,6 +69,10 @@ func New(pool *pgxpool.Pool, cfg *Config) (*Client, error) {
 	if err != nil {
 		return nil, err
 	}
+	met, err := newMeters(rc.MeterProvider)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", &ConfigError{Field: "MeterProvider", Err: "making the instruments failed"}, err)
+	}
 	c := &Client{
 		pool:    pool,
 		poolCfg: pool.Config(),
@@ -75,6 +81,7 @@ func New(pool *pgxpool.Pool, cfg *Config) (*Client, error) {
 		q:       newQueries(rc.Schema),
 		closing: make(chan struct{}),
 		keys:    map[string]*keyState{},
+		met:     met,
 	}
 	c.table = tableMode{c}
 	c.adv = newAdvisory(c)
@@ -83,6 +90,7 @@ func New(pool *pgxpool.Pool, cfg *Config) (*Client, error) {
 		Channel:     channelName(rc.Schema),
 		AfterListen: c.markListening,
 		OnDelete:    c.onRowDeleted,
+		Received:    c.met.notified,
 		Logger:      rc.Logger,
 	})
 	return c, nil

@@ -9,6 +9,8 @@ import (
 	"time"
 	"unicode/utf8"
 
+	"go.opentelemetry.io/otel/metric"
+
 	"github.com/pglease/pglease/internal/ident"
 )
 
@@ -81,6 +83,13 @@ type Config struct {
 	// Advisory configures the advisory fast path (Client.Advisory). Defaults:
 	// see AdvisoryConfig.
 	Advisory AdvisoryConfig
+
+	// MeterProvider receives the client's metrics (acquire and wait
+	// durations, held locks, losses by reason, heartbeats, notifications:
+	// the README's "Metrics" section lists them), through a meter named
+	// MeterName. Defaults to nil: no instruments are made and nothing is
+	// measured.
+	MeterProvider metric.MeterProvider
 }
 
 // resolve returns a copy of cfg with defaults filled in, or a *ConfigError.

@@ -64,6 +64,14 @@
 //	    return err
 //	})
 //
+// # Metrics
+//
+// With Config.MeterProvider set, the Client records OpenTelemetry metrics
+// under the meter MeterName: acquire and wait durations, attempts, held
+// locks, waiting acquirers, losses by reason, heartbeat durations and
+// notifications received (the README's "Metrics" section lists them all).
+// Without it nothing is recorded, at no cost.
+//
 // The schema is created by package migrations (or the reaper binary's
 // "migrate up"). Rows of dead holders are taken over by acquirers as needed
 // and deleted in bulk by package reaper.

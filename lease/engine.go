@@ -70,6 +70,15 @@ var errRetry = errors.New("lease: retry")
 
 // acquire is Acquire and TryAcquire of every path.
 func (c *Client) acquire(ctx context.Context, m acquireMode, key Key, wait bool) (*Lock, error) {
+	obs := c.met.startAcquire(m) // metrics: does nothing without a MeterProvider
+	l, err := c.acquireObserved(ctx, m, key, wait, &obs)
+	obs.done(ctx, err)
+	return l, err
+}
+
+// acquireObserved is acquire, telling obs when it starts waiting and each
+// attempt it makes.
+func (c *Client) acquireObserved(ctx context.Context, m acquireMode, key Key, wait bool, obs *acquireObs) (*Lock, error) {
 	if err := key.Validate(); err != nil {
 		return nil, err
 	}
@@ -93,7 +102,7 @@ func (c *Client) acquire(ctx context.Context, m acquireMode, key Key, wait bool)
 		return nil, err
 	}
 	defer c.leave(mk, ks, w)
-	if err := c.awaitTurn(ctx, w); err != nil {
+	if err := c.awaitTurn(ctx, w, obs); err != nil {
 		return nil, err
 	}
 
@@ -117,6 +126,7 @@ func (c *Client) acquire(ctx context.Context, m acquireMode, key Key, wait bool)
 		}
 		c.mu.Unlock()
 		if free != nil { // this client holds it (in either mode): wait for its release
+			obs.wait()
 			select {
 			case <-free:
 				continue
@@ -134,6 +144,7 @@ func (c *Client) acquire(ctx context.Context, m acquireMode, key Key, wait bool)
 			wake = sub.C() // before asking: a release in between still wakes us
 		}
 		l, refused, err := m.attempt(ctx, key, ks, wait)
+		obs.attempt()
 		if errors.Is(err, errRetry) {
 			continue
 		}
@@ -146,6 +157,7 @@ func (c *Client) acquire(ctx context.Context, m acquireMode, key Key, wait bool)
 		if !wait {
 			return nil, m.explain(ctx, refused)
 		}
+		obs.wait()
 		if sub == nil {
 			sub = c.disp.Subscribe(mk)
 			continue
@@ -214,7 +226,14 @@ func (c *Client) enqueueLocked(key Key, mk string, wait, cleanup bool) (*keyStat
 }
 
 // awaitTurn blocks until w heads its queue, ctx is done or the client closes.
-func (c *Client) awaitTurn(ctx context.Context, w *waiter) error {
+// A turn that is not there at once makes obs a wait.
+func (c *Client) awaitTurn(ctx context.Context, w *waiter, obs *acquireObs) error {
+	select {
+	case <-w.turn:
+		return nil
+	default:
+	}
+	obs.wait()
 	select {
 	case <-w.turn:
 		return nil
@@ -251,6 +270,7 @@ func (c *Client) gcKeyLocked(mk string, ks *keyState) {
 func (c *Client) holdLocked(ks *keyState, l *Lock) {
 	ks.held = l
 	ks.free = make(chan struct{})
+	c.met.heldChange(l, 1)
 }
 
 // dropLocked forgets l as this client's lock on its key (c.mu held).
@@ -262,6 +282,7 @@ func (c *Client) dropLocked(l *Lock) {
 		close(ks.free)
 		ks.free = nil
 		c.gcKeyLocked(mk, ks)
+		c.met.heldChange(l, -1)
 	}
 }
 

@@ -148,8 +148,10 @@ func (c *Client) heartbeat(h *holder, last time.Time) {
 		ctx, cancel := context.WithDeadline(h.ctx, deadline)
 		var alive bool
 		var n, x int64
+		renewStart := c.met.now() // metrics
 		err := c.pool.QueryRow(ctx, c.q.renew, h.id, h.secret).Scan(&alive, &n, &x)
 		cancel()
+		c.met.renewed(renewStart, renewalOutcomeOf(h.ctx, err, alive)) // metrics
 		if err != nil {
 			if h.ctx.Err() != nil {
 				return

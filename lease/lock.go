@@ -26,8 +26,10 @@ type Lock struct {
 	token      int64
 	acquiredAt time.Time
 
-	ctx    context.Context
-	cancel context.CancelCauseFunc
+	ctx  context.Context
+	stop context.CancelCauseFunc // through cancel only
+
+	endMu sync.Mutex // serialises cancel when losses are counted (metrics)
 
 	// releasing is set (under Client.mu) when Release starts: the deletion of
 	// its own row, announced or found by the heartbeat, is then no loss.
@@ -57,8 +59,27 @@ type heldMode interface {
 func newLock(c *Client, m heldMode, key Key, token int64, acquiredAt time.Time) *Lock {
 	l := &Lock{c: c, mode: m, key: key, token: token, acquiredAt: acquiredAt}
 	ctx, cancel := context.WithCancelCause(context.Background())
-	l.ctx, l.cancel = withHeld(ctx, l), cancel
+	l.ctx, l.stop = withHeld(ctx, l), cancel
 	return l
+}
+
+// cancel ends l with cause unless it has ended already: the first cause
+// wins. With metrics, a loss is counted before Done closes, so that whoever
+// sees Done sees the count, and only by the call that ends the lock.
+func (l *Lock) cancel(cause error) {
+	if l.c.met == nil {
+		l.stop(cause)
+		return
+	}
+	l.endMu.Lock()
+	defer l.endMu.Unlock()
+	if l.ctx.Err() != nil {
+		return
+	}
+	if e, ok := cause.(*LostError); ok {
+		l.c.met.lost(l, e.Reason)
+	}
+	l.stop(cause)
 }
 
 // Key returns the locked key.

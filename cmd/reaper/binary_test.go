@@ -176,6 +176,7 @@ func TestBinary(t *testing.T) {
 			"--listen", "127.0.0.1:0", "--schema", f.Schema, "--batch-size", "1")
 		w, out := lines(t)
 		cmd.Stderr = w
+		started := time.Now()
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)
 		}
@@ -185,8 +186,16 @@ func TestBinary(t *testing.T) {
 			t.Fatalf("/healthz: %d %q", code, body)
 		}
 		waitLine(t, out, `msg="reaper pass done" .*holders=2 locks=6`, &seen)
-		if code, body := get(t, "http://"+addr+"/metrics"); code != 200 || !strings.Contains(body, `pglease_reaper_rows_reaped_total{kind="lock"} 6`) {
+		code, body := get(t, "http://"+addr+"/metrics")
+		if code != 200 || !strings.Contains(body, `pglease_reaper_rows_reaped_total{kind="lock"} 6`) {
 			t.Fatalf("/metrics: %d\n%s", code, body)
+		}
+		// The binary's own process: started within the test, not before it.
+		if v := sample(t, body, "process_start_time_seconds"); v < float64(started.Unix()-1) {
+			t.Fatalf("/metrics: process_start_time_seconds %v, before the binary was started at %v", v, started)
+		}
+		if v := sample(t, body, "go_goroutines"); v < 1 {
+			t.Fatalf("/metrics: go_goroutines %v", v)
 		}
 		if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
 			t.Fatal(err)

@@ -54,7 +54,7 @@ func runDaemon(ctx context.Context, pool *pgxpool.Pool, r *reaper.Reaper, m *met
 			}
 			_, _ = io.WriteString(w, body)
 		})
-		mux.Handle("/metrics", m)
+		mux.Handle("/metrics", m.handler())
 		srv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 		log.Info(msgListening, "addr", ln.Addr().String())
 		go func() {

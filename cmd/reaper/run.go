@@ -68,7 +68,7 @@ func run(ctx context.Context, args, env []string, stdout, stderr io.Writer) int 
 		return usage(stderr, err)
 	}
 
-	m := &metrics{unhealthyAfter: opts.unhealthyAfter}
+	m := newMetrics(opts.unhealthyAfter)
 	var last reaper.Stats
 	r, err := reaper.New(pool, &reaper.Config{
 		Schema:       opts.schema,

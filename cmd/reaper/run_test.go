@@ -9,6 +9,7 @@ import (
 	"io"
 	"net/http"
 	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -251,6 +252,21 @@ func get(t *testing.T, url string) (int, string) {
 	return resp.StatusCode, string(b)
 }
 
+// sample returns the value of the unlabelled sample name in a text
+// exposition body.
+func sample(t *testing.T, body, name string) float64 {
+	t.Helper()
+	m := regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(name) + ` (\S+)$`).FindStringSubmatch(body)
+	if m == nil {
+		t.Fatalf("/metrics has no sample %s:\n%s", name, body)
+	}
+	v, err := strconv.ParseFloat(m[1], 64)
+	if err != nil {
+		t.Fatalf("/metrics: %s %q: %v", name, m[1], err)
+	}
+	return v
+}
+
 // The daemon serves /healthz and /metrics, runs a pass at start and then on its schedule, and
 // stops cleanly when its context is cancelled (as by SIGTERM).
 func TestDaemon(t *testing.T) {
@@ -286,9 +302,23 @@ func TestDaemon(t *testing.T) {
 	if m := regexp.MustCompile(`(?m)^pglease_reaper_passes_total (\d+)$`).FindStringSubmatch(body); m == nil || m[1] == "0" {
 		t.Fatalf("/metrics: no passes counted:\n%s", body)
 	}
-	if m := regexp.MustCompile(`(?m)^pglease_reaper_last_success_timestamp_seconds (\d+)`).FindStringSubmatch(body); m == nil ||
-		m[1] < fmt.Sprint(time.Now().Add(-time.Hour).Unix()) {
-		t.Fatalf("/metrics: no recent last success:\n%s", body)
+	if v := sample(t, body, "pglease_reaper_last_success_timestamp_seconds"); v < float64(time.Now().Add(-time.Hour).Unix()) || v > float64(time.Now().Unix()+1) {
+		t.Fatalf("/metrics: last success at %v, not within the last hour:\n%s", v, body)
+	}
+	if v := sample(t, body, "pglease_reaper_last_pass_duration_seconds"); v <= 0 || v > 60 {
+		t.Fatalf("/metrics: last pass took %v s:\n%s", v, body)
+	}
+	// The Go runtime's and the process's own metrics, from the collectors.
+	if v := sample(t, body, "go_goroutines"); v < 1 {
+		t.Fatalf("/metrics: go_goroutines %v:\n%s", v, body)
+	}
+	if v := sample(t, body, "process_start_time_seconds"); v < float64(time.Now().Add(-time.Hour).Unix()) || v > float64(time.Now().Unix()+1) {
+		t.Fatalf("/metrics: process_start_time_seconds %v is not this test's process:\n%s", v, body)
+	}
+	for _, want := range []string{"# TYPE go_gc_duration_seconds summary\n", "# TYPE process_cpu_seconds_total counter\n", "\nprocess_resident_memory_bytes "} {
+		if !strings.Contains(body, want) {
+			t.Fatalf("/metrics lacks %q:\n%s", want, body)
+		}
 	}
 	cancel()
 	if code := <-done; code != exitOK {

@@ -49,6 +49,9 @@ type Config struct {
 	// the dispatcher's goroutine, after the key's waiters were woken. key is
 	// name + "\x00" + id.
 	OnDelete func(key string, token int64)
+	// Received, if set, is called for every notification that arrives on the
+	// LISTEN connection, from the dispatcher's goroutine, with its kind.
+	Received func(Kind)
 	// Logger receives the dispatcher's records. Defaults to discarding them.
 	Logger *slog.Logger
 	// ProbeTimeout bounds the self-test that checks notifications arrive at
@@ -59,6 +62,18 @@ type Config struct {
 	// a word. Defaults to ProbeIntervalDefault (30s).
 	ProbeInterval time.Duration
 }
+
+// Kind is what a notification received was.
+type Kind uint8
+
+// The kinds of notification.
+const (
+	KindDelete   Kind = iota // lock rows deleted (a release, a reap, a DBA's DELETE)
+	KindTruncate             // the locks table truncated
+	KindProbe                // this dispatcher's own self-test
+	KindOther                // anything else: another client's self-test, a payload not ours
+	NumKinds
+)
 
 // Dispatcher fans notifications out to per-key wake channels.
 type Dispatcher struct {
@@ -348,6 +363,7 @@ func (d *Dispatcher) session() (ok bool, err error) {
 			continue
 		}
 		if n.Payload == probe {
+			d.received(KindProbe)
 			probe = ""
 			d.mu.Lock()
 			d.degraded = false
@@ -382,15 +398,24 @@ func (d *Dispatcher) probeLost() {
 	}
 }
 
+func (d *Dispatcher) received(k Kind) {
+	if d.cfg.Received != nil {
+		d.cfg.Received(k)
+	}
+}
+
 func (d *Dispatcher) handle(payload string) {
 	if payload == "*" {
+		d.received(KindTruncate)
 		d.WakeAll()
 		return
 	}
 	var rows [][3]json.RawMessage
 	if err := json.Unmarshal([]byte(payload), &rows); err != nil {
+		d.received(KindOther)
 		return // a probe of another client, or not ours
 	}
+	d.received(KindDelete)
 	type gone struct {
 		key   string
 		token int64

@@ -1,0 +1,85 @@
+package lease_test
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
+	"go.opentelemetry.io/otel/sdk/metric/metricdata"
+
+	"github.com/pglease/pglease/lease"
+)
+
+// BenchmarkMetricsOverhead: uncontended table Acquire+Release by a client
+// without a MeterProvider and by one with the SDK's (a ManualReader), and by
+// a second client without one as a control, interleaved on one durable
+// cluster, each with a pool and a key of its own. x_without is the ratio of
+// the first two; x_control that of the two clients without, which shows how
+// far two identical arms drift apart on this machine in the same run.
+//
+//	go test -run '^$' -bench '^BenchmarkMetricsOverhead$' -benchtime 3000x ./lease/
+func BenchmarkMetricsOverhead(b *testing.B) {
+	e := newBench(b)
+	r := sdkmetric.NewManualReader()
+	mp := sdkmetric.NewMeterProvider(sdkmetric.WithReader(r))
+	b.Cleanup(func() { _ = mp.Shutdown(context.Background()) })
+	arms := []struct {
+		c *lease.Client
+		k lease.Key
+		t time.Duration
+	}{
+		{c: e.client(lease.Config{}, 4, nil), k: lease.Key{Name: "bench", ID: "without"}},
+		{c: e.client(lease.Config{MeterProvider: mp}, 4, nil), k: lease.Key{Name: "bench", ID: "with"}},
+		{c: e.client(lease.Config{}, 4, nil), k: lease.Key{Name: "bench", ID: "control"}},
+	}
+	pair := func(c *lease.Client, k lease.Key) {
+		l, err := c.Acquire(e.ctx, k)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := l.Release(e.ctx); err != nil {
+			b.Fatal(err)
+		}
+	}
+	const warm = 50 // register the holders, warm pools and caches
+	for range warm {
+		for _, a := range arms {
+			pair(a.c, a.k)
+		}
+	}
+	b.ResetTimer()
+	for i := range b.N {
+		for j := range arms { // rotate the order so that none always follows another
+			a := &arms[(i+j)%len(arms)]
+			start := time.Now()
+			pair(a.c, a.k)
+			a.t += time.Since(start)
+		}
+	}
+	b.StopTimer()
+	var rm metricdata.ResourceMetrics
+	if err := r.Collect(context.Background(), &rm); err != nil {
+		b.Fatal(err)
+	}
+	var recorded uint64
+	for _, sm := range rm.ScopeMetrics {
+		for _, m := range sm.Metrics {
+			if m.Name == "pglease.lock.acquire.duration" {
+				for _, p := range m.Data.(metricdata.Histogram[float64]).DataPoints {
+					recorded += p.Count
+				}
+			}
+		}
+	}
+	if recorded != uint64(b.N+warm) {
+		b.Fatalf("%d acquires recorded, want %d", recorded, b.N+warm)
+	}
+	without, with, control := arms[0].t, arms[1].t, arms[2].t
+	b.ReportMetric(float64(with)/float64(b.N), "ns/op")
+	b.ReportMetric(us(without, b.N), "without_us")
+	b.ReportMetric(us(with, b.N), "with_us")
+	b.ReportMetric(us(control, b.N), "control_us")
+	b.ReportMetric(float64(with)/float64(without), "x_without")
+	b.ReportMetric(float64(control)/float64(without), "x_control")
+}
