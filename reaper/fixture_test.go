@@ -104,3 +104,26 @@ func (f *fx) reaper(pool *pgxpool.Pool, cfg reaper.Config) *reaper.Reaper {
 	}
 	return r
 }
+
+// pass returns one reaping pass on pool in batches of batch rows: the reaper
+// package's RunOnce when how is "reaper"; when it is "sql", a CALL of the
+// schema's procedure reap, as a DBA or pg_cron runs it, with what it returns
+// as Stats.
+func (f *fx) pass(how string, pool *pgxpool.Pool, batch int) func(context.Context) (reaper.Stats, error) {
+	f.t.Helper()
+	switch how {
+	case "reaper":
+		return f.reaper(pool, reaper.Config{BatchSize: batch}).RunOnce
+	case "sql":
+		call := `CALL ` + f.fn("reap") + `(p_batch => $1)`
+		return func(ctx context.Context) (reaper.Stats, error) {
+			start := time.Now()
+			var st reaper.Stats
+			err := pool.QueryRow(ctx, call, batch).Scan(&st.Holders, &st.Locks, &st.Skipped)
+			st.Duration = time.Since(start)
+			return st, err
+		}
+	}
+	f.t.Fatalf("pass %q: want reaper or sql", how)
+	return nil
+}
