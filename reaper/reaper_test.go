@@ -303,25 +303,7 @@ func TestFencedRowIsSkippedThenReaped(t *testing.T) {
 			ctx := ctxFor(t, time.Minute)
 			h := f.addHolders(ctx, 1, true)[0]
 			f.addLocks(ctx, []int64{h}, 3)
-			var name, id string
-			var token int64
-			if err := f.Pool.QueryRow(ctx, `SELECT name, entity_id, token FROM `+f.locks+` ORDER BY token LIMIT 1`).Scan(&name, &id, &token); err != nil {
-				t.Fatal(err)
-			}
-
-			tx, err := f.Pool.Begin(ctx)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer func() { _ = tx.Rollback(context.Background()) }()
-			if how == "fence" {
-				_, err = tx.Exec(ctx, `SELECT `+f.fn("fence")+`($1, $2, $3)`, name, id, token)
-			} else {
-				_, err = tx.Exec(ctx, `SELECT 1 FROM `+f.locks+` WHERE name = $1 AND entity_id = $2 FOR SHARE`, name, id)
-			}
-			if err != nil {
-				t.Fatal(err)
-			}
+			tx, name, id := f.fenceFirst(ctx, how)
 			f.expire(ctx, h)
 
 			// A reaper that waited for the row would hit its lock_timeout

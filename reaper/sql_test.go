@@ -97,19 +97,7 @@ func TestSQLFencedRowIsSkipped(t *testing.T) {
 	ctx := ctxFor(t, time.Minute)
 	h := f.addHolders(ctx, 1, true)[0]
 	f.addLocks(ctx, []int64{h}, 3)
-	var name, id string
-	var token int64
-	if err := f.Pool.QueryRow(ctx, `SELECT name, entity_id, token FROM `+f.locks+` ORDER BY token LIMIT 1`).Scan(&name, &id, &token); err != nil {
-		t.Fatal(err)
-	}
-	tx, err := f.Pool.Begin(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() { _ = tx.Rollback(context.Background()) }()
-	if _, err := tx.Exec(ctx, `SELECT `+f.fn("fence")+`($1, $2, $3)`, name, id, token); err != nil {
-		t.Fatal(err)
-	}
+	tx, name, id := f.fenceFirst(ctx, "fence")
 	f.expire(ctx, h)
 
 	// A call that waited for the fenced row would run into this lock_timeout.
