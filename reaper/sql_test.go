@@ -222,6 +222,12 @@ func TestSQLReapProcedure(t *testing.T) {
 	if !errors.As(err, &pgErr) || pgErr.Code != "2D000" {
 		t.Fatalf("reap inside a transaction block: %v; want invalid transaction termination (2D000)", err)
 	}
+	// Several statements in one string (as pg_cron sends a job's command)
+	// run as one implicit transaction block: refused the same way.
+	_, err = conn.PgConn().Exec(ctx, "SET application_name = 'reaper-test'; "+call).ReadAll()
+	if !errors.As(err, &pgErr) || pgErr.Code != "2D000" {
+		t.Fatalf("reap after another statement in the same string: %v; want invalid transaction termination (2D000)", err)
+	}
 	if h := f.count(ctx, `SELECT count(*) FROM `+f.holders); h != 2 {
 		t.Fatalf("reap inside a transaction block left %d holders, want both", h)
 	}

@@ -82,20 +82,25 @@ $$;
 --
 -- It walks the distinct holder ids of the locks table from p_from on, by a
 -- loose scan of locks_holder_id (one index probe per distinct id, never a scan
--- of the whole table), a page of up to p_batch gone ids at a time, and deletes
--- their rows: picked with FOR UPDATE SKIP LOCKED, so a locked row is skipped
--- at once, not waited on, and with the holder row's absence checked again in
--- the DELETE itself. Lock rows are never updated, so a row's ctid is stable
--- while this transaction holds its row lock. Commits asynchronously, as
--- reap_holders does.
+-- of the whole table), a page of gone ids at a time, and deletes their rows in
+-- holder id order: picked with FOR UPDATE SKIP LOCKED, so a locked row is
+-- skipped at once, not waited on, and with the holder row's absence checked
+-- again in the DELETE itself. Lock rows are never updated, so a row's ctid is
+-- stable while this transaction holds its row lock. Pages start at 8 ids and
+-- double while they yield fewer rows than the batch still needs: a few
+-- probes when holders have many rows each, a few DELETEs (each one
+-- notification) when they have one. Commits asynchronously, as reap_holders
+-- does.
 -- +goose StatementBegin
 CREATE FUNCTION reap_locks(p_batch integer, p_from bigint DEFAULT NULL,
                            OUT deleted integer, OUT skipped bigint, OUT next_from bigint)
 LANGUAGE plpgsql AS $$
 DECLARE
     page_from bigint := coalesce(p_from, -9223372036854775808);
+    page_size integer;
     ids       bigint[];
     n         integer;
+    last_id   bigint;
 BEGIN
     IF p_batch IS NULL OR p_batch < 1 OR p_batch > 100000 THEN
         RAISE EXCEPTION 'pglease: batch size % is out of range', coalesce(p_batch::text, 'NULL')
@@ -103,6 +108,7 @@ BEGIN
                   HINT = 'pass the most rows one call may delete, from 1 to 100000 (the reaper uses 1000)';
     END IF;
     PERFORM set_config('synchronous_commit', 'off', true);
+    page_size := least(p_batch, 8);
     deleted := 0;
     skipped := 0;
     LOOP
@@ -119,33 +125,40 @@ BEGIN
             SELECT d.holder_id FROM d
              WHERE d.holder_id IS NOT NULL
                AND NOT EXISTS (SELECT 1 FROM holders h WHERE h.id = d.holder_id)
-             LIMIT p_batch);
+             LIMIT page_size);
         IF cardinality(ids) = 0 THEN
             next_from := NULL;
             RETURN;
         END IF;
-        DELETE FROM locks l
-         WHERE l.ctid = ANY (ARRAY(
-                 SELECT k.ctid FROM locks k
-                  WHERE k.holder_id = ANY (ids)
-                  LIMIT p_batch - deleted
-                    FOR UPDATE SKIP LOCKED))
-           AND NOT EXISTS (SELECT 1 FROM holders h WHERE h.id = l.holder_id);
-        GET DIAGNOSTICS n = ROW_COUNT;
+        WITH del AS (
+            DELETE FROM locks l
+             WHERE l.ctid = ANY (ARRAY(
+                     SELECT k.ctid FROM locks k
+                      WHERE k.holder_id = ANY (ids)
+                      ORDER BY k.holder_id
+                      LIMIT p_batch - deleted
+                        FOR UPDATE SKIP LOCKED))
+               AND NOT EXISTS (SELECT 1 FROM holders h WHERE h.id = l.holder_id)
+            RETURNING l.holder_id)
+        SELECT count(*), max(del.holder_id) INTO n, last_id FROM del;
         deleted := deleted + n;
         IF deleted = p_batch THEN
-            -- Full: rows of this page may be left. The next call starts here.
-            next_from := ids[1];
+            -- Full. The rows were taken in holder id order, so what is left
+            -- of the holders before the last one is locked by someone; that
+            -- last one may have more rows: the next call starts there.
+            skipped := skipped + (SELECT count(*) FROM locks l
+                                   WHERE l.holder_id = ANY (ids) AND l.holder_id < last_id);
+            next_from := last_id;
             RETURN;
         END IF;
-        -- Every row of this page that nobody else has locked is deleted; the
-        -- ones left are locked by someone.
+        -- Every row of this page that nobody else has locked is deleted.
         skipped := skipped + (SELECT count(*) FROM locks l WHERE l.holder_id = ANY (ids));
-        IF cardinality(ids) < p_batch OR ids[cardinality(ids)] = 9223372036854775807 THEN
+        IF cardinality(ids) < page_size OR ids[cardinality(ids)] = 9223372036854775807 THEN
             next_from := NULL;
             RETURN;
         END IF;
         page_from := ids[cardinality(ids)] + 1;
+        page_size := least(p_batch, page_size * 2);
     END LOOP;
 END
 $$;
