@@ -197,6 +197,19 @@ func TestOnceFailures(t *testing.T) {
 		!strings.Contains(res.stderr, " host=127.0.0.1:") {
 		t.Fatalf("unmigrated schema: exit %d, stderr %q; want the user, host and database named", res.code, res.stderr)
 	}
+	// A schema from before the reaping functions (version 3).
+	f := newFixture(t)
+	if res, err := migrations.Down(t.Context(), f.Pool, f.Schema); err != nil || res.Version != 4 {
+		t.Fatalf("Down = %+v, %v; want version 4 rolled back", res, err)
+	}
+	res = runIn(t, t.Context(), []string{"DATABASE_URL=" + url}, "--once", "--schema", f.Schema)
+	if res.code != exitFailed || !strings.Contains(res.stderr, `schema not migrated: schema \"`+f.Schema+`\" is at version 3; the reaper needs version 4`) ||
+		!strings.Contains(res.stderr, "migrate up") {
+		t.Fatalf("schema at version 3: exit %d, stderr %q; want 1 naming the versions", res.code, res.stderr)
+	}
+	if h, l := f.rows(t); h != 3 || l != 8 {
+		t.Fatalf("a pass on a version 3 schema deleted rows: %d holders, %d locks left", h, l)
+	}
 	res = runIn(t, t.Context(), nil, "--once", "--database-url", "postgres://u:hunter2@127.0.0.1:"+closedPort(t)+"/db")
 	if res.code != exitFailed || !strings.Contains(res.stderr, "database unreachable") ||
 		!strings.Contains(res.stderr, "connection_settings=--database-url") || !strings.Contains(res.stderr, " user=u ") ||
