@@ -240,3 +240,38 @@ func TestSQLReapProcedure(t *testing.T) {
 		t.Fatalf("live lock rows left: %d, want 1 and nothing else", n)
 	}
 }
+
+// Why reap has no pinned search_path and is not SECURITY DEFINER: PostgreSQL
+// refuses COMMIT in a procedure that has either. A later migration that gave
+// it one would break every CALL, and this test says so.
+func TestSQLReapCannotCommitWithSetOrDefiner(t *testing.T) {
+	t.Parallel()
+	for _, alter := range []string{"SET search_path = pg_catalog", "SECURITY DEFINER"} {
+		t.Run(alter, func(t *testing.T) {
+			t.Parallel()
+			f := newFx(t)
+			ctx := ctxFor(t, time.Minute)
+			f.addHolders(ctx, 1, false)
+			var config []string
+			var definer bool
+			if err := f.Pool.QueryRow(ctx, `SELECT coalesce(proconfig, '{}'), prosecdef FROM pg_proc WHERE oid = $1::regprocedure`,
+				f.fn("reap")+"(integer, interval, bigint, bigint, bigint)").Scan(&config, &definer); err != nil {
+				t.Fatal(err)
+			}
+			if len(config) != 0 || definer {
+				t.Fatalf("reap has settings %q, SECURITY DEFINER %v; want neither", config, definer)
+			}
+			if _, err := f.Pool.Exec(ctx, `ALTER PROCEDURE `+f.fn("reap")+`(integer, interval, bigint, bigint, bigint) `+alter); err != nil {
+				t.Fatal(err)
+			}
+			_, err := f.Pool.Exec(ctx, `CALL `+f.fn("reap")+`()`)
+			var pgErr *pgconn.PgError
+			if !errors.As(err, &pgErr) || pgErr.Code != "2D000" {
+				t.Fatalf("CALL reap() with %s: %v; want invalid transaction termination (2D000)", alter, err)
+			}
+			if n := f.count(ctx, `SELECT count(*) FROM `+f.holders); n != 1 {
+				t.Fatalf("%d holder rows left, want the dead one: the failed CALL must delete nothing", n)
+			}
+		})
+	}
+}

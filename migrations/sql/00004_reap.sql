@@ -36,9 +36,9 @@ $$;
 -- can never be renewed, so its lock rows can be deleted without asking again
 -- whether it is alive.
 --
--- It commits asynchronously: a reap lost in a crash only leaves dead rows for
--- the next one, and a durable commit would make everyone else's commits wait
--- for the NOTIFY that deleting lock rows sends.
+-- It commits asynchronously, as reap_locks does: a reap lost in a crash only
+-- leaves dead rows for the next one (a holder row that comes back is still
+-- dead, for good).
 -- +goose StatementBegin
 CREATE FUNCTION reap_holders(p_batch integer) RETURNS integer
 LANGUAGE plpgsql AS $$
@@ -89,8 +89,10 @@ $$;
 -- stable while this transaction holds its row lock. Pages start at 8 ids and
 -- double while they yield fewer rows than the batch still needs: a few
 -- probes when holders have many rows each, a few DELETEs (each one
--- notification) when they have one. Commits asynchronously, as reap_holders
--- does.
+-- notification) when they have one. It commits asynchronously: a lost reap
+-- only leaves dead rows for the next one, and a durable commit would make
+-- everyone else's commits wait for the NOTIFY that its DELETE sends (the
+-- notification holds a cluster-wide lock through its commit's flush).
 -- +goose StatementBegin
 CREATE FUNCTION reap_locks(p_batch integer, p_from bigint DEFAULT NULL,
                            OUT deleted integer, OUT skipped bigint, OUT next_from bigint)
