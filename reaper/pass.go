@@ -51,9 +51,11 @@ func (r *Reaper) pass(ctx context.Context) (Stats, error) {
 	if err == nil {
 		err = r.checkSchema(ctx)
 	}
-	if err == nil && r.cfg.DryRun {
+	switch {
+	case err != nil:
+	case r.cfg.DryRun:
 		err = r.count(ctx, &st)
-	} else if err == nil {
+	default:
 		err = r.reap(ctx, &st)
 	}
 	st.Duration = time.Since(start)
