@@ -180,6 +180,7 @@ var released = map[string]string{
 	"00001_init.sql":     "4491d4b7f1c08d10de4bd4a19f73d650599324da90bf3d7a6ae07b7a4fbd714c",
 	"00002_advisory.sql": "1a888f0f4ba4a4350d8bd1e29f37e0785af8f6644019020dac695038f47410fa",
 	"00003_engine.sql":   "0216d06db2a63cc3292a2d0ad7b2aa33779eab85c7662c2bd8cad91f212ec4c2",
+	"00004_reap.sql":     "6de0f98bd31efb01ee53428054e064d700bcf4124a6a8d8ea11bb6e9056837d4",
 }
 
 func TestReleasedMigrationsUnchanged(t *testing.T) {
@@ -237,8 +238,10 @@ func catalog(t *testing.T, pool *pgxpool.Pool, schema string) string {
 }
 
 // Up to 3, Down to 2 (leaving the schema exactly as version 2 made it), and
-// Up again; at 3 every function but the two on the advisory hot path has its
-// search_path pinned, and each keeps working whatever the caller's is.
+// Up to 3 again; then the same from 3 to 4 and back. Every function but the
+// two on the advisory hot path (and, from 4 on, the procedure reap, which
+// must be able to commit) has its search_path pinned, and each keeps working
+// whatever the caller's is.
 func TestUpDownUp(t *testing.T) {
 	t.Parallel()
 	c := pgtest.Shared(t)
@@ -256,14 +259,14 @@ func TestUpDownUp(t *testing.T) {
 	}
 	hashV2 := keyHash(t, pool, schema, "on")
 
-	check := func(when string) {
+	check := func(when string, want int) {
 		t.Helper()
 		st, err := migrations.Status(ctx, pool, schema)
 		if err != nil {
 			t.Fatal(err)
 		}
 		for _, s := range st {
-			if s.State != migrations.StateApplied {
+			if wantState := s.Version <= int64(want); (s.State == migrations.StateApplied) != wantState {
 				t.Fatalf("%s: %+v", when, s)
 			}
 		}
@@ -271,8 +274,8 @@ func TestUpDownUp(t *testing.T) {
 		if err := pool.QueryRow(ctx, "SELECT version, compatible_from FROM "+pgx.Identifier{schema, "schema_info"}.Sanitize()+"()").Scan(&version, &from); err != nil {
 			t.Fatalf("%s: schema_info(): %v", when, err)
 		}
-		if version != 3 || from != 3 {
-			t.Fatalf("%s: schema_info() = (%d, %d), want (3, 3)", when, version, from)
+		if version != want || from != 3 {
+			t.Fatalf("%s: schema_info() = (%d, %d), want (%d, 3)", when, version, from, want)
 		}
 		rows, err := pool.Query(ctx, `SELECT p.proname, coalesce(p.proconfig, '{}') FROM pg_proc p
 			JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = $1`, schema)
@@ -284,14 +287,17 @@ func TestUpDownUp(t *testing.T) {
 			var name string
 			var cfg []string
 			err := r.Scan(&name, &cfg)
-			hot := name == "advisory_acquire" || name == "advisory_release"
-			if has := slices.Contains(cfg, pinned); err == nil && has == hot {
-				t.Errorf("%s: %s has settings %q: want %q exactly when not on the hot path", when, name, cfg, pinned)
+			unpinned := name == "advisory_acquire" || name == "advisory_release" || name == "reap"
+			if has := slices.Contains(cfg, pinned); err == nil && has == unpinned {
+				t.Errorf("%s: %s has settings %q: want %q exactly when not on the hot path and not reap", when, name, cfg, pinned)
 			}
 			return name, err
 		})
 		if err != nil || len(fns) < 15 {
 			t.Fatalf("%s: %d functions (%v)", when, len(fns), err)
+		}
+		if hasReap := slices.Contains(fns, "reap_holders") && slices.Contains(fns, "reap"); hasReap != (want >= 4) {
+			t.Fatalf("%s: functions %q: want the reaping functions exactly from version 4 on", when, fns)
 		}
 		var again int
 		if err := pool.QueryRow(ctx, "SELECT "+pgx.Identifier{schema, "pin_search_path"}.Sanitize()+"()").Scan(&again); err != nil || again != 0 {
@@ -308,20 +314,36 @@ func TestUpDownUp(t *testing.T) {
 		}
 	}
 
-	if res, err := migrations.Up(ctx, pool, schema); err != nil || len(res) != 1 || res[0].Version != 3 {
-		t.Fatalf("Up from 2 = %+v, %v; want version 3 applied", res, err)
+	if err := migrations.UpTo(ctx, pool, schema, 3); err != nil {
+		t.Fatalf("Up from 2 to 3: %v", err)
 	}
-	check("after Up")
+	check("after Up to 3", 3)
 	if res, err := migrations.Down(ctx, pool, schema); err != nil || res == nil || res.Version != 3 {
 		t.Fatalf("Down = %+v, %v; want version 3 rolled back", res, err)
 	}
 	if got := catalog(t, pool, schema); got != v2 {
 		t.Fatalf("after Down the schema differs from version 2:\n%s\nwant:\n%s", got, v2)
 	}
-	if res, err := migrations.Up(ctx, pool, schema); err != nil || len(res) != 1 || res[0].Version != 3 {
-		t.Fatalf("Up again = %+v, %v; want version 3 applied", res, err)
+	if err := migrations.UpTo(ctx, pool, schema, 3); err != nil {
+		t.Fatalf("Up to 3 again: %v", err)
 	}
-	check("after Up, Down, Up")
+	check("after Up, Down, Up to 3", 3)
+
+	v3 := catalog(t, pool, schema)
+	if res, err := migrations.Up(ctx, pool, schema); err != nil || len(res) != 1 || res[0].Version != 4 {
+		t.Fatalf("Up from 3 = %+v, %v; want version 4 applied", res, err)
+	}
+	check("after Up to 4", 4)
+	if res, err := migrations.Down(ctx, pool, schema); err != nil || res == nil || res.Version != 4 {
+		t.Fatalf("Down = %+v, %v; want version 4 rolled back", res, err)
+	}
+	if got := catalog(t, pool, schema); got != v3 {
+		t.Fatalf("after Down the schema differs from version 3:\n%s\nwant:\n%s", got, v3)
+	}
+	if res, err := migrations.Up(ctx, pool, schema); err != nil || len(res) != 1 || res[0].Version != 4 {
+		t.Fatalf("Up again = %+v, %v; want version 4 applied", res, err)
+	}
+	check("after Up, Down, Up to 4", 4)
 }
 
 // keyHash calls schema's key_hash on a connection of its own with
