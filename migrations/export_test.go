@@ -15,3 +15,6 @@ func UpTo(ctx context.Context, pool *pgxpool.Pool, schema string, version int64)
 		return err
 	})
 }
+
+// LockID is the advisory lock that Up and Down of schema take.
+func LockID(schema string) int64 { return lockID(schema) }

@@ -98,22 +98,6 @@ func Down(ctx context.Context, pool *pgxpool.Pool, schema string) (*Result, erro
 	return out, err
 }
 
-// Status reports every known migration of schema and whether it is applied.
-func Status(ctx context.Context, pool *pgxpool.Pool, schema string) ([]MigrationStatus, error) {
-	var out []MigrationStatus
-	err := withProvider(ctx, pool, schema, false, func(p *goose.Provider) error {
-		st, err := p.Status(ctx)
-		for _, s := range st {
-			if s == nil || s.Source == nil {
-				continue
-			}
-			out = append(out, MigrationStatus{Version: s.Source.Version, Path: s.Source.Path, State: s.State, AppliedAt: s.AppliedAt})
-		}
-		return err
-	})
-	return out, err
-}
-
 func results(rs []*goose.MigrationResult) []Result {
 	var out []Result
 	for _, r := range rs {
@@ -129,14 +113,9 @@ func results(rs []*goose.MigrationResult) []Result {
 // set to the schema. The connections are our own (a database/sql pool opened
 // from the caller's pool configuration), so the caller's pool is never changed.
 func withProvider(ctx context.Context, pool *pgxpool.Pool, schema string, create bool, f func(*goose.Provider) error) error {
-	if pool == nil {
-		return fmt.Errorf("%w: pool is nil: pass a *pgxpool.Pool from pgxpool.New", ErrInvalidConfig)
-	}
-	if schema == "" {
-		schema = ident.DefaultSchema
-	}
-	if err := ident.ValidateSchema(schema); err != nil {
-		return fmt.Errorf("%w: %w", ErrInvalidConfig, err)
+	schema, err := checkArgs(pool, schema)
+	if err != nil {
+		return err
 	}
 	quoted := pgx.Identifier{schema}.Sanitize()
 	if create {
@@ -171,6 +150,21 @@ func withProvider(ctx context.Context, pool *pgxpool.Pool, schema string, create
 		return fmt.Errorf("migrations: schema %s: %w", quoted, err)
 	}
 	return nil
+}
+
+// checkArgs validates the arguments of Up, Down and Status and returns the
+// schema name to use ("" means the default).
+func checkArgs(pool *pgxpool.Pool, schema string) (string, error) {
+	if pool == nil {
+		return "", fmt.Errorf("%w: pool is nil: pass a *pgxpool.Pool from pgxpool.New", ErrInvalidConfig)
+	}
+	if schema == "" {
+		schema = ident.DefaultSchema
+	}
+	if err := ident.ValidateSchema(schema); err != nil {
+		return "", fmt.Errorf("%w: %w", ErrInvalidConfig, err)
+	}
+	return schema, nil
 }
 
 // createSchema creates the schema if needed. Concurrent CREATE SCHEMA IF NOT

@@ -180,6 +180,7 @@ var released = map[string]string{
 	"00001_init.sql":     "4491d4b7f1c08d10de4bd4a19f73d650599324da90bf3d7a6ae07b7a4fbd714c",
 	"00002_advisory.sql": "1a888f0f4ba4a4350d8bd1e29f37e0785af8f6644019020dac695038f47410fa",
 	"00003_engine.sql":   "0216d06db2a63cc3292a2d0ad7b2aa33779eab85c7662c2bd8cad91f212ec4c2",
+	"00004_reap.sql":     "6de0f98bd31efb01ee53428054e064d700bcf4124a6a8d8ea11bb6e9056837d4",
 }
 
 func TestReleasedMigrationsUnchanged(t *testing.T) {
@@ -236,9 +237,11 @@ func catalog(t *testing.T, pool *pgxpool.Pool, schema string) string {
 	return out
 }
 
-// Up to 3, Down to 2 (leaving the schema exactly as version 2 made it), and
-// Up again; at 3 every function but the two on the advisory hot path has its
-// search_path pinned, and each keeps working whatever the caller's is.
+// Up from 2 to the latest, Down one migration at a time back to 2 (leaving
+// the schema exactly as version 2 made it), and Up again. Every function but
+// the two on the advisory hot path and the procedure reap (which must be able
+// to commit) has its search_path pinned, and each keeps working whatever the
+// caller's is.
 func TestUpDownUp(t *testing.T) {
 	t.Parallel()
 	c := pgtest.Shared(t)
@@ -276,7 +279,7 @@ func TestUpDownUp(t *testing.T) {
 			t.Fatal(err)
 		}
 		for _, s := range st {
-			if s.State != migrations.StateApplied {
+			if wantState := s.Version <= int64(latest); (s.State == migrations.StateApplied) != wantState {
 				t.Fatalf("%s: %+v", when, s)
 			}
 		}
@@ -297,14 +300,17 @@ func TestUpDownUp(t *testing.T) {
 			var name string
 			var cfg []string
 			err := r.Scan(&name, &cfg)
-			hot := name == "advisory_acquire" || name == "advisory_release"
-			if has := slices.Contains(cfg, pinned); err == nil && has == hot {
-				t.Errorf("%s: %s has settings %q: want %q exactly when not on the hot path", when, name, cfg, pinned)
+			unpinned := name == "advisory_acquire" || name == "advisory_release" || name == "reap"
+			if has := slices.Contains(cfg, pinned); err == nil && has == unpinned {
+				t.Errorf("%s: %s has settings %q: want %q exactly when not on the hot path and not reap", when, name, cfg, pinned)
 			}
 			return name, err
 		})
 		if err != nil || len(fns) < 15 {
 			t.Fatalf("%s: %d functions (%v)", when, len(fns), err)
+		}
+		if hasReap := slices.Contains(fns, "reap_holders") && slices.Contains(fns, "reap"); hasReap != (latest >= 4) {
+			t.Fatalf("%s: functions %q: want the reaping functions exactly from version 4 on", when, fns)
 		}
 		var again int
 		if err := pool.QueryRow(ctx, "SELECT "+pgx.Identifier{schema, "pin_search_path"}.Sanitize()+"()").Scan(&again); err != nil || again != 0 {

@@ -10,17 +10,21 @@
 //
 // # What a pass does
 //
-// [Reaper.RunOnce] runs one pass, in three steps:
+// [Reaper.RunOnce] runs one pass. The work is done by the schema's own SQL
+// functions (migration 00004), which a DBA or pg_cron can call as well, so a
+// pass first checks that the schema is at [SchemaVersion] or later
+// (schema_info()). Then, in two steps:
 //
-//  1. Delete dead holder rows, a batch at a time. Rows are picked with
-//     FOR UPDATE SKIP LOCKED and the DELETE checks the expiry again, so a
-//     heartbeat that renewed the holder a moment ago wins, and a heartbeat
-//     still in flight waits for the delete and then finds no row to renew.
-//  2. List the holder ids that still have lock rows but no holder row, walking
-//     the distinct values of the locks_holder_id index (never scanning the
-//     whole locks table).
-//  3. Delete those lock rows, a batch at a time, again with
-//     FOR UPDATE SKIP LOCKED and a re-check in the DELETE.
+//  1. Delete dead holder rows, a batch (one call of reap_holders) at a time.
+//     Rows are picked with FOR UPDATE SKIP LOCKED and the DELETE checks the
+//     expiry again, so a heartbeat that renewed the holder a moment ago wins,
+//     and a heartbeat still in flight waits for the delete and then finds no
+//     row to renew.
+//  2. Delete the lock rows whose holder row is gone, a batch (one call of
+//     reap_locks) at a time, again with FOR UPDATE SKIP LOCKED and a re-check
+//     in the DELETE. reap_locks finds them by walking the distinct values of
+//     the locks_holder_id index (never scanning the whole locks table), and
+//     hands back a cursor so that the next batch goes on where it stopped.
 //
 // Holder rows go first on purpose. A lock row is deleted only once its holder
 // row is gone, and a holder row that is gone can never be renewed, so the

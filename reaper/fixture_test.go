@@ -104,3 +104,53 @@ func (f *fx) reaper(pool *pgxpool.Pool, cfg reaper.Config) *reaper.Reaper {
 	}
 	return r
 }
+
+// pass returns one reaping pass on pool in batches of batch rows: the reaper
+// package's RunOnce when how is "reaper"; when it is "sql", a CALL of the
+// schema's procedure reap, as a DBA or pg_cron runs it, with what it returns
+// as Stats.
+func (f *fx) pass(how string, pool *pgxpool.Pool, batch int) func(context.Context) (reaper.Stats, error) {
+	f.t.Helper()
+	switch how {
+	case "reaper":
+		return f.reaper(pool, reaper.Config{BatchSize: batch}).RunOnce
+	case "sql":
+		call := `CALL ` + f.fn("reap") + `(p_batch => $1)`
+		return func(ctx context.Context) (reaper.Stats, error) {
+			start := time.Now()
+			var st reaper.Stats
+			err := pool.QueryRow(ctx, call, batch).Scan(&st.Holders, &st.Locks, &st.Skipped)
+			st.Duration = time.Since(start)
+			return st, err
+		}
+	}
+	f.t.Fatalf("pass %q: want reaper or sql", how)
+	return nil
+}
+
+// fenceFirst locks the lock row with the lowest token in a transaction of its
+// own, as a fenced write does: through the schema's fence() when how is
+// "fence", by a plain SELECT ... FOR SHARE otherwise. It returns that
+// transaction, rolled back when the test ends unless committed, and the row's
+// name and entity id.
+func (f *fx) fenceFirst(ctx context.Context, how string) (tx pgx.Tx, name, id string) {
+	f.t.Helper()
+	var token int64
+	if err := f.Pool.QueryRow(ctx, `SELECT name, entity_id, token FROM `+f.locks+` ORDER BY token LIMIT 1`).Scan(&name, &id, &token); err != nil {
+		f.t.Fatal(err)
+	}
+	tx, err := f.Pool.Begin(ctx)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	f.t.Cleanup(func() { _ = tx.Rollback(context.Background()) })
+	if how == "fence" {
+		_, err = tx.Exec(ctx, `SELECT `+f.fn("fence")+`($1, $2, $3)`, name, id, token)
+	} else {
+		_, err = tx.Exec(ctx, `SELECT 1 FROM `+f.locks+` WHERE name = $1 AND entity_id = $2 FOR SHARE`, name, id)
+	}
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	return tx, name, id
+}

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math"
 	"net"
 	"time"
 
@@ -28,11 +27,10 @@ const clientGrace = 2 * time.Second
 
 // Steps of a pass, as named in errors.
 const (
-	stepHolders    = "delete dead holders"
-	stepFindLocks  = "find lock rows of dead holders"
-	stepLocks      = "delete lock rows of dead holders"
-	stepCountLocks = "count skipped lock rows"
-	stepDryRun     = "count dead rows (dry run)"
+	stepCheck   = "check schema"
+	stepHolders = "delete dead holders"
+	stepLocks   = "delete lock rows of dead holders"
+	stepDryRun  = "count dead rows (dry run)"
 )
 
 // RunOnce runs one pass and reports what it did. Several passes may run at
@@ -49,135 +47,74 @@ func (r *Reaper) RunOnce(ctx context.Context) (Stats, error) {
 func (r *Reaper) pass(ctx context.Context) (Stats, error) {
 	start := time.Now()
 	st := Stats{DryRun: r.cfg.DryRun}
-	var err error
-	if r.cfg.DryRun {
+	err := interrupted(ctx)
+	if err == nil {
+		err = r.checkSchema(ctx)
+	}
+	switch {
+	case err != nil:
+	case r.cfg.DryRun:
 		err = r.count(ctx, &st)
-	} else {
+	default:
 		err = r.reap(ctx, &st)
 	}
 	st.Duration = time.Since(start)
 	return st, err
 }
 
-// reap deletes dead holders, then the lock rows of holders that are gone.
+// reap deletes dead holders, then the lock rows of holders that are gone, a
+// batch (one call of the schema's reap_holders or reap_locks) at a time.
 func (r *Reaper) reap(ctx context.Context, st *Stats) error {
-	size := int64(r.cfg.BatchSize)
+	size := r.cfg.BatchSize
 	for {
 		if err := interrupted(ctx); err != nil {
 			return err
 		}
-		var n int64
+		var n int
 		err := r.batch(ctx, stepHolders, true, func(ctx context.Context, tx pgx.Tx) error {
-			tag, err := tx.Exec(ctx, r.delHolders, size)
-			n = tag.RowsAffected()
-			return err
+			return tx.QueryRow(ctx, r.reapHolders, size).Scan(&n)
 		})
 		if err != nil {
 			return err
 		}
 		st.Batches++
-		st.Holders += n
+		st.Holders += int64(n)
 		if n < size {
 			break
 		}
 	}
-
-	for from := int64(math.MinInt64); ; {
+	// from is reap_locks' cursor: the holder id it looks at next, nil
+	// (start) at first and when it has looked at every gone holder.
+	var from *int64
+	for {
 		if err := interrupted(ctx); err != nil {
 			return err
 		}
-		ids, err := r.holderIDs(ctx, r.deadHolderIDs, stepFindLocks, from)
-		if err != nil {
-			return err
-		}
-		if len(ids) == 0 {
-			return nil
-		}
-		for {
-			if err := interrupted(ctx); err != nil {
-				return err
-			}
-			var n int64
-			err := r.batch(ctx, stepLocks, true, func(ctx context.Context, tx pgx.Tx) error {
-				tag, err := tx.Exec(ctx, r.delLocks, ids, size)
-				n = tag.RowsAffected()
-				return err
-			})
-			if err != nil {
-				return err
-			}
-			st.Batches++
-			st.Locks += n
-			if n < size {
-				break
-			}
-		}
-		// What is left of these holders' locks was locked by someone else.
-		var left int64
-		err = r.batch(ctx, stepCountLocks, false, func(ctx context.Context, tx pgx.Tx) error {
-			return tx.QueryRow(ctx, r.countLocks, ids).Scan(&left)
+		var n int
+		var skipped int64
+		err := r.batch(ctx, stepLocks, true, func(ctx context.Context, tx pgx.Tx) error {
+			return tx.QueryRow(ctx, r.reapLocks, size, from).Scan(&n, &skipped, &from)
 		})
 		if err != nil {
 			return err
 		}
-		st.Skipped += left
-		last := ids[len(ids)-1]
-		if int64(len(ids)) < size || last == math.MaxInt64 {
+		st.Batches++
+		st.Locks += int64(n)
+		st.Skipped += skipped
+		if from == nil {
 			return nil
 		}
-		from = last + 1
 	}
 }
 
-// count is the dry run: it counts what reap would delete, taking no locks.
-// Unlike reap, which deletes the locks of a holder only once its row is
-// gone, it counts the locks of every holder that is not alive: those are the
-// rows a pass would delete once the holder rows are gone.
+// count is the dry run: the schema's reap_dry_run counts what reap would
+// delete, taking no locks. Unlike reap, which deletes the locks of a holder
+// only once its row is gone, it counts the locks of every holder that is not
+// alive: those are the rows a pass would delete once the holder rows are gone.
 func (r *Reaper) count(ctx context.Context, st *Stats) error {
-	err := r.batch(ctx, stepDryRun, false, func(ctx context.Context, tx pgx.Tx) error {
-		return tx.QueryRow(ctx, r.countDead).Scan(&st.Holders)
+	return r.batch(ctx, stepDryRun, false, func(ctx context.Context, tx pgx.Tx) error {
+		return tx.QueryRow(ctx, r.dryRun).Scan(&st.Holders, &st.Locks)
 	})
-	if err != nil {
-		return err
-	}
-	size := int64(r.cfg.BatchSize)
-	for from := int64(math.MinInt64); ; {
-		if err := interrupted(ctx); err != nil {
-			return err
-		}
-		ids, err := r.holderIDs(ctx, r.deadOrGoneIDs, stepDryRun, from)
-		if err != nil || len(ids) == 0 {
-			return err
-		}
-		var n int64
-		err = r.batch(ctx, stepDryRun, false, func(ctx context.Context, tx pgx.Tx) error {
-			return tx.QueryRow(ctx, r.countLocks, ids).Scan(&n)
-		})
-		if err != nil {
-			return err
-		}
-		st.Locks += n
-		last := ids[len(ids)-1]
-		if int64(len(ids)) < size || last == math.MaxInt64 {
-			return nil
-		}
-		from = last + 1
-	}
-}
-
-// holderIDs returns up to BatchSize holder ids, from `from` on, that have
-// lock rows and pass the query's holder condition.
-func (r *Reaper) holderIDs(ctx context.Context, query, step string, from int64) ([]int64, error) {
-	var ids []int64
-	err := r.batch(ctx, step, false, func(ctx context.Context, tx pgx.Tx) error {
-		rows, err := tx.Query(ctx, query, from, r.cfg.BatchSize)
-		if err != nil {
-			return err
-		}
-		ids, err = pgx.CollectRows(rows, pgx.RowTo[int64])
-		return err
-	})
-	return ids, err
 }
 
 // batch runs f in a transaction of its own, bounded by BatchTimeout, and
@@ -228,8 +165,9 @@ func interruptedErr(ctx context.Context) error {
 type PassError struct {
 	// Step is what the pass was doing, e.g. "delete dead holders".
 	Step string
-	// Kind is ErrUnreachable, ErrTimeout, ErrNotMigrated, ErrPermission,
-	// or nil when the failure fits none of them.
+	// Kind is ErrUnreachable, ErrTimeout, ErrNotMigrated,
+	// ErrSchemaIncompatible, ErrPermission, or nil when the failure fits
+	// none of them.
 	Kind error
 	// Hint says how to fix it.
 	Hint string
@@ -284,11 +222,11 @@ func (r *Reaper) fail(step string, err error) error {
 				r.cfg.BatchTimeout)
 		case code == "42P01" || code == "3F000" || code == "42883":
 			e.Kind = ErrNotMigrated
-			e.Hint = fmt.Sprintf("schema %q has no pglease tables: apply the migrations (reaper migrate up, or migrations.Up) or point the reaper at the schema they were applied to",
+			e.Hint = fmt.Sprintf("schema %q lacks the pglease tables or functions: apply the migrations (reaper migrate up, or migrations.Up) or point the reaper at the schema they were applied to",
 				r.cfg.Schema)
 		case code == "42501":
 			e.Kind = ErrPermission
-			e.Hint = fmt.Sprintf("the reaper's role needs USAGE on schema %q and SELECT, DELETE on its holders and locks tables (see examples/reaper/grants.sql)",
+			e.Hint = fmt.Sprintf("the reaper's role needs USAGE on schema %q, EXECUTE on its reap functions and SELECT, DELETE on its holders and locks tables (see examples/reaper/grants.sql)",
 				r.cfg.Schema)
 		case code == "28P01" || code == "28000":
 			e.Kind = ErrUnreachable

@@ -59,7 +59,8 @@ var (
 	ErrUnreachable = errors.New("reaper: database unreachable")
 	// ErrTimeout: a batch ran into BatchTimeout.
 	ErrTimeout = errors.New("reaper: batch timed out")
-	// ErrNotMigrated: the schema or its tables do not exist.
+	// ErrNotMigrated: the schema does not exist or is older than
+	// SchemaVersion (see SchemaError).
 	ErrNotMigrated = errors.New("reaper: schema not migrated")
 	// ErrPermission: the database role lacks a privilege the reaper needs.
 	ErrPermission = errors.New("reaper: permission denied")
@@ -128,14 +129,13 @@ type Reaper struct {
 	cfg  Config
 	log  *slog.Logger
 
-	// SQL, built once with the quoted table names.
-	setLocal      string
-	delHolders    string
-	deadHolderIDs string
-	delLocks      string
-	countLocks    string
-	countDead     string
-	deadOrGoneIDs string
+	// SQL, built once with the quoted schema name.
+	setLocal    string
+	schemaInfo  string
+	lastVersion string
+	reapHolders string
+	reapLocks   string
+	dryRun      string
 
 	mu      sync.Mutex // guards cron and cancel
 	cron    *cron.Cron
@@ -199,66 +199,23 @@ func schemaProblem(err error) string {
 func (r *Reaper) Config() Config { return r.cfg }
 
 func (r *Reaper) buildSQL() {
-	holders := pgx.Identifier{r.cfg.Schema, "holders"}.Sanitize()
-	locks := pgx.Identifier{r.cfg.Schema, "locks"}.Sanitize()
-	ms := strconv.FormatInt(r.cfg.BatchTimeout.Milliseconds(), 10)
-	// The lock wait gives up a little before the statement does, so that a
-	// batch stuck behind DDL is reported as such, not as a slow batch.
-	lockMS := strconv.FormatInt(max(1, r.cfg.BatchTimeout.Milliseconds()*9/10), 10)
+	fn := func(name string) string { return pgx.Identifier{r.cfg.Schema, name}.Sanitize() }
+	ms := r.cfg.BatchTimeout.Milliseconds()
+	// The lock wait gives up before the statement does, so that a batch
+	// stuck behind DDL is reported as such, not as a slow batch: a tenth of
+	// the timeout earlier, and at least 100ms earlier when the timeout
+	// allows, because the wait starts only once the function has started
+	// (which on a fresh connection can take tens of milliseconds).
+	lockMS := max(1, ms-max(ms/10, min(100, ms/2)))
+	r.setLocal = "SET LOCAL statement_timeout = " + strconv.FormatInt(ms, 10) +
+		"; SET LOCAL lock_timeout = " + strconv.FormatInt(lockMS, 10)
 
-	// Asynchronous commit: a lost reap only leaves dead rows for the next
-	// pass, and the NOTIFY sent by the delete trigger holds a cluster-wide
-	// lock through its commit's flush, which a durable commit would make
-	// everyone else's commits wait for.
-	r.setLocal = "SET LOCAL statement_timeout = " + ms +
-		"; SET LOCAL lock_timeout = " + lockMS +
-		"; SET LOCAL synchronous_commit = off"
-
-	// Dead holder rows, oldest expiry first. The inner clock_timestamp() is
-	// wrapped in a sub-select so that it is computed once and can bound the
-	// holders_expires_at index scan; the outer one re-checks every row at
-	// the moment it is deleted. The picked rows are locked (SKIP LOCKED:
-	// a heartbeat or a takeover holding one is not waited on), so a
-	// heartbeat arriving now waits for this delete and then finds no row.
-	r.delHolders = `DELETE FROM ` + holders + ` h
- WHERE h.id = ANY (ARRAY(
-         SELECT d.id FROM ` + holders + ` d
-          WHERE d.expires_at <= (SELECT clock_timestamp())
-          ORDER BY d.expires_at
-          LIMIT $1
-            FOR UPDATE SKIP LOCKED))
-   AND h.expires_at <= clock_timestamp()`
-
-	// The distinct holder ids of the locks table from $1 on, by a loose scan
-	// of locks_holder_id (one index probe per distinct id), keeping those
-	// whose holder row is gone. A holder row that is gone can never be
-	// renewed, which is what makes deleting its locks safe.
-	loose := func(holderCond string) string {
-		return `WITH RECURSIVE ids(holder_id) AS (
-    (SELECT l.holder_id FROM ` + locks + ` l WHERE l.holder_id >= $1 ORDER BY l.holder_id LIMIT 1)
-  UNION ALL
-    SELECT (SELECT l.holder_id FROM ` + locks + ` l WHERE l.holder_id > ids.holder_id ORDER BY l.holder_id LIMIT 1)
-      FROM ids WHERE ids.holder_id IS NOT NULL)
-SELECT ids.holder_id FROM ids
- WHERE ids.holder_id IS NOT NULL
-   AND NOT EXISTS (SELECT 1 FROM ` + holders + ` h WHERE h.id = ids.holder_id` + holderCond + `)
- LIMIT $2`
-	}
-	r.deadHolderIDs = loose("")
-	// For a dry run, which deletes no holder rows first: no live holder.
-	r.deadOrGoneIDs = loose(" AND h.expires_at > clock_timestamp()")
-
-	// Lock rows of the given (gone) holders. Rows locked by someone else are
-	// skipped. The rows are never updated, so their ctid is stable while we
-	// hold the row lock; the NOT EXISTS re-checks the holder at delete time.
-	r.delLocks = `DELETE FROM ` + locks + ` l
- WHERE l.ctid = ANY (ARRAY(
-         SELECT k.ctid FROM ` + locks + ` k
-          WHERE k.holder_id = ANY ($1::bigint[])
-          LIMIT $2
-            FOR UPDATE SKIP LOCKED))
-   AND NOT EXISTS (SELECT 1 FROM ` + holders + ` h WHERE h.id = l.holder_id)`
-
-	r.countLocks = `SELECT count(*) FROM ` + locks + ` WHERE holder_id = ANY ($1::bigint[])`
-	r.countDead = `SELECT count(*) FROM ` + holders + ` WHERE expires_at <= clock_timestamp()`
+	// The reaping itself is the schema's own SQL (migration 00004), which a
+	// DBA or pg_cron can call too; see its comments for why it is safe. The
+	// functions commit asynchronously by themselves.
+	r.schemaInfo = `SELECT version, compatible_from FROM ` + fn("schema_info") + `()`
+	r.lastVersion = `SELECT coalesce(max(version_id), 0) FROM ` + fn(versionTable)
+	r.reapHolders = `SELECT ` + fn("reap_holders") + `($1)`
+	r.reapLocks = `SELECT deleted, skipped, next_from FROM ` + fn("reap_locks") + `($1, $2)`
+	r.dryRun = `SELECT holders, locks FROM ` + fn("reap_dry_run") + `()`
 }

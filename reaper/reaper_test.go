@@ -113,9 +113,20 @@ func TestDryRunCountsAndDeletesNothing(t *testing.T) {
 
 // A holder renewing right at its expiry while reapers run in a loop: a
 // renewal that returned a row keeps its holder row and every lock row, and a
-// renewal is never refused before the holder's last expiry.
+// renewal is never refused before the holder's last expiry. The reapers are
+// the reaper package's passes, or the schema's procedure reap called as a DBA
+// or pg_cron calls it.
 func TestRenewalAtExpiryNeverLosesALiveLease(t *testing.T) {
 	t.Parallel()
+	for _, how := range []string{"reaper", "sql"} {
+		t.Run(how, func(t *testing.T) {
+			t.Parallel()
+			renewalAtExpiry(t, how)
+		})
+	}
+}
+
+func renewalAtExpiry(t *testing.T, how string) {
 	f := newFx(t)
 	ctx := ctxFor(t, 2*time.Minute)
 	const (
@@ -163,10 +174,10 @@ func TestRenewalAtExpiryNeverLosesALiveLease(t *testing.T) {
 	var wg sync.WaitGroup
 	errs := make(chan error, 16)
 	for i := range 2 {
-		r := f.reaper(pgtest.NewPool(t, f.Cluster, fmt.Sprintf("reaper-%d", i)), reaper.Config{BatchSize: 3})
+		pass := f.pass(how, pgtest.NewPool(t, f.Cluster, fmt.Sprintf("reaper-%d", i)), 3)
 		wg.Go(func() {
 			for !stop.Load() {
-				st, err := r.RunOnce(ctx)
+				st, err := pass(ctx)
 				if err != nil {
 					errs <- err
 					return
@@ -292,25 +303,7 @@ func TestFencedRowIsSkippedThenReaped(t *testing.T) {
 			ctx := ctxFor(t, time.Minute)
 			h := f.addHolders(ctx, 1, true)[0]
 			f.addLocks(ctx, []int64{h}, 3)
-			var name, id string
-			var token int64
-			if err := f.Pool.QueryRow(ctx, `SELECT name, entity_id, token FROM `+f.locks+` ORDER BY token LIMIT 1`).Scan(&name, &id, &token); err != nil {
-				t.Fatal(err)
-			}
-
-			tx, err := f.Pool.Begin(ctx)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer func() { _ = tx.Rollback(context.Background()) }()
-			if how == "fence" {
-				_, err = tx.Exec(ctx, `SELECT `+f.fn("fence")+`($1, $2, $3)`, name, id, token)
-			} else {
-				_, err = tx.Exec(ctx, `SELECT 1 FROM `+f.locks+` WHERE name = $1 AND entity_id = $2 FOR SHARE`, name, id)
-			}
-			if err != nil {
-				t.Fatal(err)
-			}
+			tx, name, id := f.fenceFirst(ctx, how)
 			f.expire(ctx, h)
 
 			// A reaper that waited for the row would hit its lock_timeout
@@ -351,15 +344,17 @@ func TestFencedRowIsSkippedThenReaped(t *testing.T) {
 // with an acquirer taking dead keys over next to them.
 func TestConcurrentReapers(t *testing.T) {
 	t.Parallel()
-	for _, withAcquirer := range []bool{false, true} {
-		t.Run(fmt.Sprintf("acquirer=%v", withAcquirer), func(t *testing.T) {
-			t.Parallel()
-			concurrentReapers(t, withAcquirer)
-		})
+	for _, how := range []string{"reaper", "sql"} {
+		for _, withAcquirer := range []bool{false, true} {
+			t.Run(fmt.Sprintf("%s/acquirer=%v", how, withAcquirer), func(t *testing.T) {
+				t.Parallel()
+				concurrentReapers(t, how, withAcquirer)
+			})
+		}
 	}
 }
 
-func concurrentReapers(t *testing.T, withAcquirer bool) {
+func concurrentReapers(t *testing.T, how string, withAcquirer bool) {
 	f := newFx(t)
 	ctx := ctxFor(t, 2*time.Minute)
 	live := f.addHolders(ctx, 100, true)
@@ -374,10 +369,10 @@ func concurrentReapers(t *testing.T, withAcquirer bool) {
 	stats := make([]reaper.Stats, 4)
 	errs := make([]error, 4)
 	for i := range 4 {
-		r := f.reaper(pgtest.NewPool(t, f.Cluster, fmt.Sprintf("reaper-%d", i)), reaper.Config{BatchSize: 37})
+		pass := f.pass(how, pgtest.NewPool(t, f.Cluster, fmt.Sprintf("reaper-%d", i)), 37)
 		wg.Go(func() {
 			<-start
-			stats[i], errs[i] = r.RunOnce(ctx)
+			stats[i], errs[i] = pass(ctx)
 		})
 	}
 	// The acquirer, a live holder, acquires keys of dead holders meanwhile:

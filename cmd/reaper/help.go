@@ -84,7 +84,9 @@ const migrateUsageText = `reaper migrate applies, shows or rolls back the pgleas
 
 Usage:
   reaper migrate up     [flags]   apply the migrations not yet applied
-  reaper migrate status [flags]   list the migrations and whether each is applied
+  reaper migrate status [flags]   list the migrations and whether each is applied;
+                                  only reads (says when the schema does not
+                                  exist or is not migrated, and exits 0)
   reaper migrate down --yes [flags]
                                   roll back the latest migration (for the first
                                   one: drop the tables and every lock in them)

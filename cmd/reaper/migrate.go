@@ -45,6 +45,12 @@ func runMigrate(ctx context.Context, opts *options, stdout, stderr io.Writer) in
 	case "status":
 		var st []migrations.MigrationStatus
 		st, err = migrations.Status(ctx, pool, opts.schema)
+		var nm *migrations.NotMigratedError
+		if errors.As(err, &nm) {
+			// Not a failure: the answer is "nothing applied yet".
+			fmt.Fprintln(stdout, notMigrated(nm))
+			err = nil
+		}
 		if err == nil {
 			tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "VERSION\tSTATE\tAPPLIED AT\tFILE")
@@ -72,6 +78,15 @@ func runMigrate(ctx context.Context, opts *options, stdout, stderr io.Writer) in
 	return exitOK
 }
 
+// notMigrated is what "migrate status" says about a schema that has no
+// migration applied, before it lists them all as pending.
+func notMigrated(e *migrations.NotMigratedError) string {
+	if !e.SchemaExists {
+		return fmt.Sprintf("schema %q does not exist: not migrated, every migration is pending (reaper migrate up creates it and applies them)", e.Schema)
+	}
+	return fmt.Sprintf("schema %q is not migrated (no %s table): every migration is pending (reaper migrate up applies them)", e.Schema, migrations.VersionTable)
+}
+
 // migrateHint says how to fix a failed migration.
 func migrateHint(err error, o *options) string {
 	var pgErr *pgconn.PgError
@@ -87,6 +102,9 @@ func migrateHint(err error, o *options) string {
 		return "could not connect: check the connection settings (" + o.urlSource + ") and that PostgreSQL is running and reachable"
 	case errors.Is(err, context.Canceled):
 		return "interrupted; run it again (migrations are transactional and taken under a lock)"
+	}
+	if o.action == "status" {
+		return "see the error; status only reads, so running it again is safe"
 	}
 	return "see the error; migrations run under an advisory lock, so running again is safe"
 }

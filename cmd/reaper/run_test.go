@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"io/fs"
 	"net/http"
 	"regexp"
 	"strconv"
@@ -14,7 +15,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
+
 	"github.com/pglease/pglease/internal/pgtest"
+	"github.com/pglease/pglease/migrations"
 )
 
 // fixture is a migrated schema with dead rows in it: 2 dead holders with 3
@@ -194,6 +198,19 @@ func TestOnceFailures(t *testing.T) {
 		!strings.Contains(res.stderr, " host=127.0.0.1:") {
 		t.Fatalf("unmigrated schema: exit %d, stderr %q; want the user, host and database named", res.code, res.stderr)
 	}
+	// A schema from before the reaping functions (version 3).
+	f := newFixture(t)
+	if res, err := migrations.Down(t.Context(), f.Pool, f.Schema); err != nil || res.Version != 4 {
+		t.Fatalf("Down = %+v, %v; want version 4 rolled back", res, err)
+	}
+	res = runIn(t, t.Context(), []string{"DATABASE_URL=" + url}, "--once", "--schema", f.Schema)
+	if res.code != exitFailed || !strings.Contains(res.stderr, `schema not migrated: schema \"`+f.Schema+`\" is at version 3; the reaper needs version 4`) ||
+		!strings.Contains(res.stderr, "migrate up") {
+		t.Fatalf("schema at version 3: exit %d, stderr %q; want 1 naming the versions", res.code, res.stderr)
+	}
+	if h, l := f.rows(t); h != 3 || l != 8 {
+		t.Fatalf("a pass on a version 3 schema deleted rows: %d holders, %d locks left", h, l)
+	}
 	res = runIn(t, t.Context(), nil, "--once", "--database-url", "postgres://u:hunter2@127.0.0.1:"+closedPort(t)+"/db")
 	if res.code != exitFailed || !strings.Contains(res.stderr, "database unreachable") ||
 		!strings.Contains(res.stderr, "connection_settings=--database-url") || !strings.Contains(res.stderr, " user=u ") ||
@@ -325,4 +342,53 @@ func TestDaemon(t *testing.T) {
 		t.Fatalf("daemon exit %d; output:\n%s", code, strings.Join(seen, "\n"))
 	}
 	waitLine(t, out, `msg="reaper stopped"`, &seen)
+}
+
+// "migrate status" only reads: on a schema that does not exist and on one
+// that was never migrated it says so plainly, lists every migration as
+// pending, exits 0, and creates nothing.
+func TestMigrateStatusReadOnly(t *testing.T) {
+	t.Parallel()
+	c := pgtest.Shared(t)
+	pool := pgtest.NewPool(t, c, "cli-test")
+	objects := func(schema string) (schemas, relations int) {
+		t.Helper()
+		if err := pool.QueryRow(t.Context(), `SELECT
+			(SELECT count(*) FROM pg_namespace WHERE nspname = $1),
+			(SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1)`,
+			schema).Scan(&schemas, &relations); err != nil {
+			t.Fatal(err)
+		}
+		return schemas, relations
+	}
+	files, err := fs.Glob(migrations.FS(), "*.sql")
+	if err != nil || len(files) < 4 {
+		t.Fatalf("embedded migrations: %v, %v", files, err)
+	}
+	env := []string{"DATABASE_URL=" + c.URL()}
+	pendingRow := regexp.MustCompile(`(?m)^\d+ +pending +- +\S+\.sql$`)
+
+	missing := pgtest.NewSchemaName()
+	empty := pgtest.NewSchemaName()
+	t.Cleanup(func() { pgtest.DropSchema(t, c, empty) })
+	if _, err := pool.Exec(t.Context(), "CREATE SCHEMA "+pgx.Identifier{empty}.Sanitize()); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		schema, want string
+		objects      [2]int
+	}{
+		{missing, fmt.Sprintf("schema %q does not exist: not migrated, every migration is pending (reaper migrate up creates it and applies them)\n", missing), [2]int{0, 0}},
+		{empty, fmt.Sprintf("schema %q is not migrated (no pglease_migrations table): every migration is pending (reaper migrate up applies them)\n", empty), [2]int{1, 0}},
+	} {
+		res := runIn(t, t.Context(), env, "migrate", "status", "--schema", tc.schema)
+		if res.code != exitOK || !strings.HasPrefix(res.stdout, tc.want) || res.stderr != "" ||
+			len(pendingRow.FindAllString(res.stdout, -1)) != len(files) || strings.Contains(res.stdout, " applied ") {
+			t.Errorf("migrate status of %s: exit %d, stdout %q, stderr %q; want 0, %q and every migration pending",
+				tc.schema, res.code, res.stdout, res.stderr, tc.want)
+		}
+		if s, r := objects(tc.schema); [2]int{s, r} != tc.objects {
+			t.Errorf("migrate status of %s left %d schemas and %d relations, want %v", tc.schema, s, r, tc.objects)
+		}
+	}
 }

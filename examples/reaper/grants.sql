@@ -20,6 +20,10 @@
 --                           without waiting on anyone. The reaper never
 --                           updates a row; the columns granted are
 --                           informational ones that nothing depends on.
+-- The deleting is done by the schema's SQL functions reap_holders,
+-- reap_locks and reap_dry_run (the procedure reap calls them too), which run
+-- with the caller's rights, so these table privileges are what they need;
+-- EXECUTE on them, and on schema_info(), is PUBLIC's by default.
 -- The delete trigger's functions (channel(), notify_deleted()) are executable
 -- by PUBLIC, so deleting lock rows sends the notifications that wake waiters
 -- without further grants.
