@@ -22,7 +22,7 @@ import (
 // grant gives role the named grant set on e's schema, as the schema's owner.
 func (e *env) grant(set string, role *pgtest.Role) {
 	e.t.Helper()
-	e.exec("SELECT "+e.table("grant_"+set)+"($1::regrole)", role.Name)
+	e.exec("SELECT "+e.table("grant_"+set)+"(quote_ident($1)::regrole)", role.Name)
 }
 
 // rolePool is a plain pool logged in as role, for SQL the role sends itself.
@@ -225,7 +225,7 @@ func TestApplicationRoleRefused(t *testing.T) {
 	}
 	// And the DBA's tool is not the application's.
 	e.wantSQLState(p, denied, "SELECT "+e.table("force_release")+"($1, $2)", k.Name, k.ID)
-	e.wantSQLState(p, denied, "SELECT "+e.table("grant_application")+"($1::regrole)", app.Name)
+	e.wantSQLState(p, denied, "SELECT "+e.table("grant_application")+"(quote_ident($1)::regrole)", app.Name)
 
 	// The victim is untouched: same row, same token, lease not extended.
 	if tok, h := e.lockRow(k); tok != token || h != vid {
@@ -367,7 +367,7 @@ func TestRevokeGrants(t *testing.T) {
 	app := pgtest.NewRole(t, e.db.Cluster, "pglease_app")
 	e.grant("application", app)
 	e.grant("dba", app)
-	e.exec("SELECT "+e.table("revoke_grants")+"($1::regrole)", app.Name)
+	e.exec("SELECT "+e.table("revoke_grants")+"(quote_ident($1)::regrole)", app.Name)
 	p := e.rolePool(app)
 	e.wantSQLState(p, "42501", "SELECT count(*) FROM "+e.table("held"))
 	e.wantSQLState(p, "42501", "SELECT "+e.table("register")+"('h', 1, 'a', interval '1 minute', $1)", []byte("sixteen bytes..."))

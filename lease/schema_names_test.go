@@ -172,7 +172,7 @@ func testSchemaName(t *testing.T, schema string) {
 	role := pgtest.NewRole(t, c, `app "role" é`)
 	e.grant("application", role)
 	e.grant("dba", role)
-	ra, rpool, _ := e.clientAs(role, slowTimers)
+	ra, rpool, _ := e.clientAs(role, lease.Config{HeartbeatInterval: 100 * time.Millisecond})
 	lr, err := ra.TryAcquire(ctx, k)
 	if err != nil {
 		t.Fatalf("TryAcquire as role %q: %v", role.Name, err)
@@ -185,8 +185,12 @@ func testSchemaName(t *testing.T, schema string) {
 	if err := rpool.QueryRow(ctx, "SELECT "+e.table("force_release")+"($1, $2, 'test')", k.Name, k.ID).Scan(&freed); err != nil || freed != lr.Token() {
 		t.Fatalf("force_release as role %q = %d, %v; want %d", role.Name, freed, err, lr.Token())
 	}
-	<-lr.Done()
-	e.exec("SELECT "+e.table("revoke_grants")+"($1::regrole)", role.Name)
+	select {
+	case <-lr.Done():
+	case <-time.After(time.Minute):
+		t.Fatal("the holder was not told of the forced release")
+	}
+	e.exec("SELECT "+e.table("revoke_grants")+"(quote_ident($1)::regrole)", role.Name)
 	if _, err := rpool.Exec(ctx, "SELECT count(*) FROM "+e.table("held")); err == nil {
 		t.Fatalf("role %q still reads held after revoke_grants", role.Name)
 	}

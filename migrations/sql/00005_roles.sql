@@ -193,7 +193,12 @@ BEGIN
         RETURN;
     END IF;
 
-    IF current_setting('pglease.guard_' || md5(current_schema()), true) IS DISTINCT FROM 'on' THEN
+    -- The token guard is read here on every call rather than trusted from
+    -- the session setting guard_tokens leaves: anyone may set a setting in
+    -- their own session, and a caller that skipped the guard after a crash
+    -- could draw a token that was handed out before it. One row of an
+    -- unlogged table costs a microsecond.
+    IF NOT EXISTS (SELECT FROM token_guard) THEN
         PERFORM guard_tokens();
     END IF;
     RETURN QUERY
