@@ -293,8 +293,9 @@ func (a *Advisory) dropOwnRow(ctx context.Context, key Key) bool {
 	}
 	dctx, cancel := context.WithTimeout(ctx, c.cfg.ReleaseTimeout)
 	defer cancel()
-	tag, err := c.pool.Exec(dctx, c.q.dropOrphan, key.Name, key.ID, h.id)
-	if err != nil || tag.RowsAffected() == 0 {
+	var dropped bool
+	err := c.pool.QueryRow(dctx, c.q.dropOrphan, key.Name, key.ID, h.id, h.secret).Scan(&dropped)
+	if err != nil || !dropped {
 		return false
 	}
 	c.log.Info("pglease: deleted a lock row of this client's holder that it does not hold", "name", key.Name, "id", key.ID, "holder_id", h.id)

@@ -47,7 +47,7 @@ func (c *Client) cleanupOrphan(key Key, h *holder) {
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), c.cfg.ReleaseTimeout)
 		defer cancel()
-		_, err := c.pool.Exec(ctx, c.q.dropOrphan, key.Name, key.ID, h.id)
+		_, err := c.pool.Exec(ctx, c.q.dropOrphan, key.Name, key.ID, h.id, h.secret)
 		c.mu.Lock()
 		if err != nil && !h.lost {
 			// The holder lives on, and so would the orphan: nobody else
@@ -67,7 +67,7 @@ func (c *Client) cleanupOrphan(key Key, h *holder) {
 func (c *Client) retryRelease(h *holder, k Key, token int64) {
 	ctx, cancel := context.WithTimeout(context.Background(), c.cfg.ReleaseTimeout)
 	defer cancel()
-	if _, err := c.pool.Exec(ctx, c.q.release, k.Name, k.ID, token); err != nil {
+	if _, err := c.pool.Exec(ctx, c.q.release, k.Name, k.ID, token, h.id, h.secret); err != nil {
 		return
 	}
 	c.mu.Lock()
@@ -76,12 +76,12 @@ func (c *Client) retryRelease(h *holder, k Key, token int64) {
 }
 
 // releaseInBackground deletes the row of key with token, best effort.
-func (c *Client) releaseInBackground(key Key, token int64) {
+func (c *Client) releaseInBackground(h *holder, key Key, token int64) {
 	c.wg.Add(1)
 	go func() {
 		defer c.wg.Done()
 		ctx, cancel := context.WithTimeout(context.Background(), c.cfg.ReleaseTimeout)
 		defer cancel()
-		_, _ = c.pool.Exec(ctx, c.q.release, key.Name, key.ID, token)
+		_, _ = c.pool.Exec(ctx, c.q.release, key.Name, key.ID, token, h.id, h.secret)
 	}()
 }

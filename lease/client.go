@@ -218,7 +218,7 @@ func (c *Client) Close(ctx context.Context) error {
 	var err error
 	if h != nil {
 		dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), c.cfg.ReleaseTimeout)
-		if _, e := c.pool.Exec(dctx, c.q.dropHolder, h.id); e != nil {
+		if _, e := c.pool.Exec(dctx, c.q.dropHolder, h.id, h.secret); e != nil {
 			err = fmt.Errorf("lease: close: delete holder %d (its rows expire after the TTL): %w", h.id, e)
 		}
 		cancel()

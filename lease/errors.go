@@ -42,6 +42,12 @@ var (
 // token is not the live holder's. Class 55 (object not in prerequisite state).
 const SQLStateNotHeld = "55L01"
 
+// SQLStateNotThisHolder is the SQLSTATE that the SQL functions acting for a
+// holder (acquire, release, renew, close_holder, ...) raise when the secret
+// given is not that holder's: a caller tried to act for another holder.
+// Class 42 (access rule violation).
+const SQLStateNotThisHolder = "42L01"
+
 // SQLStateHolderExpired is the SQLSTATE the SQL function acquire raises when the
 // calling holder has expired. The client handles it by registering anew.
 const SQLStateHolderExpired = "55L02"

@@ -40,8 +40,19 @@ func newEnvOn(t *testing.T, c *pgtest.Cluster) *env {
 // Its pool's application_name is returned too (for TerminateBackends).
 func (e *env) client(cfg lease.Config) (*lease.Client, *pgxpool.Pool, string) {
 	e.t.Helper()
+	return e.clientAs(nil, cfg)
+}
+
+// clientAs is client logged in as role (nil: the test's own superuser).
+func (e *env) clientAs(role *pgtest.Role, cfg lease.Config) (*lease.Client, *pgxpool.Pool, string) {
+	e.t.Helper()
 	app := fmt.Sprintf("%s-c%d", e.db.Schema, e.n.Add(1))
-	pool := pgtest.NewPool(e.t, e.db.Cluster, app, func(c *pgxpool.Config) { c.MaxConns = 4 })
+	pool := pgtest.NewPool(e.t, e.db.Cluster, app, func(c *pgxpool.Config) {
+		c.MaxConns = 4
+		if role != nil {
+			role.Connect(c)
+		}
+	})
 	cfg.Schema = e.db.Schema
 	c, err := lease.New(pool, &cfg)
 	if err != nil {
@@ -101,4 +112,18 @@ func closed(ch <-chan struct{}) bool {
 	default:
 		return false
 	}
+}
+
+// acquireInBackground starts c.Acquire(ctx, k) and delivers its lock (nil on
+// an error, which fails the test).
+func acquireInBackground(t *testing.T, ctx context.Context, c *lease.Client, k lease.Key) <-chan *lease.Lock {
+	got := make(chan *lease.Lock, 1)
+	go func() {
+		l, err := c.Acquire(ctx, k)
+		if err != nil {
+			t.Errorf("waiting Acquire of %s: %v", k, err)
+		}
+		got <- l
+	}()
+	return got
 }

@@ -2,6 +2,7 @@ package lease
 
 import (
 	"context"
+	"crypto/rand"
 	"fmt"
 	"time"
 
@@ -16,6 +17,7 @@ import (
 // Fields are guarded by Client.mu.
 type holder struct {
 	id       int64
+	secret   []byte          // the holder's credential (see register in migration 5)
 	deadline time.Time       // local: start of last good renewal + TTL - SafetyMargin
 	locks    map[int64]*Lock // held, by token
 	pending  map[int64]Key   // releases that failed; retried after each renewal
@@ -63,9 +65,10 @@ func (c *Client) ensureHolder(ctx context.Context) (*holder, error) {
 	}
 	start := time.Now()
 	var id int64
+	secret := newSecret()
 	if err == nil {
 		err = c.pool.QueryRow(ctx, c.q.register, c.cfg.Owner.Host, c.cfg.Owner.PID, c.cfg.Owner.Application,
-			c.cfg.TTL.Microseconds()).Scan(&id)
+			c.cfg.TTL.Microseconds(), secret).Scan(&id)
 		if err != nil {
 			err = fmt.Errorf("lease: register holder: %w", err)
 		}
@@ -83,11 +86,12 @@ func (c *Client) ensureHolder(ctx context.Context) (*holder, error) {
 	}
 	c.schemaChecked = true
 	if c.closed {
-		c.startCleanupLocked(id, "client closed while registering")
+		c.startCleanupLocked(id, secret, "client closed while registering")
 		return nil, ErrClosed
 	}
 	h := &holder{
 		id:       id,
+		secret:   secret,
 		deadline: start.Add(c.cfg.TTL - c.cfg.SafetyMargin),
 		locks:    map[int64]*Lock{},
 		pending:  map[int64]Key{},
@@ -145,7 +149,7 @@ func (c *Client) heartbeat(h *holder, last time.Time) {
 		var alive bool
 		var n, x int64
 		renewStart := c.met.now() // metrics
-		err := c.pool.QueryRow(ctx, c.q.renew, h.id).Scan(&alive, &n, &x)
+		err := c.pool.QueryRow(ctx, c.q.renew, h.id, h.secret).Scan(&alive, &n, &x)
 		cancel()
 		c.met.renewed(renewStart, renewalOutcomeOf(h.ctx, err, alive)) // metrics
 		if err != nil {
@@ -204,7 +208,7 @@ func (c *Client) verify(h *holder, cutoff uint64) {
 		key   Key
 		token int64
 	}
-	rows, err := c.pool.Query(ctx, c.q.verify, h.id)
+	rows, err := c.pool.Query(ctx, c.q.verify, h.id, h.secret)
 	if err != nil {
 		return
 	}
@@ -296,7 +300,7 @@ func (c *Client) loseHolder(h *holder, reason LossReason) {
 		c.forgetLocked(l)
 	}
 	if !c.closed {
-		c.startCleanupLocked(h.id, reason.String())
+		c.startCleanupLocked(h.id, h.secret, reason.String())
 	}
 	c.mu.Unlock()
 	c.log.Warn("pglease: holder lost", "holder_id", h.id, "reason", reason.String(), "locks", len(locks))
@@ -306,14 +310,22 @@ func (c *Client) loseHolder(h *holder, reason LossReason) {
 }
 
 // startCleanupLocked deletes a given-up holder's rows in the background.
-func (c *Client) startCleanupLocked(id int64, reason string) {
+func (c *Client) startCleanupLocked(id int64, secret []byte, reason string) {
 	c.wg.Add(1)
 	go func() {
 		defer c.wg.Done()
 		ctx, cancel := context.WithTimeout(context.Background(), c.cfg.ReleaseTimeout)
 		defer cancel()
-		if _, err := c.pool.Exec(ctx, c.q.dropHolder, id); err != nil {
+		if _, err := c.pool.Exec(ctx, c.q.dropHolder, id, secret); err != nil {
 			c.log.Debug("pglease: holder clean-up failed; its rows expire with it", "holder_id", id, "reason", reason, "error", err)
 		}
 	}()
+}
+
+// newSecret returns a fresh holder credential: 32 random bytes. Only its
+// SHA-256 reaches the database.
+func newSecret() []byte {
+	b := make([]byte, 32)
+	_, _ = rand.Read(b) // crypto/rand.Read never fails (Go 1.24+)
+	return b
 }

@@ -25,19 +25,15 @@ type queries struct {
 func newQueries(schema string) queries {
 	s := pgx.Identifier{schema}.Sanitize()
 	return queries{
-		register: `INSERT INTO ` + s + `.holders (host, pid, application, ttl, expires_at)
-			VALUES ($1, $2, $3, $4::bigint * interval '1 microsecond',
-			        clock_timestamp() + $4::bigint * interval '1 microsecond')
-			RETURNING id`,
+		register: `SELECT ` + s + `.register($1, $2, $3, $4::bigint * interval '1 microsecond', $5)`,
 		acquire: `SELECT acquired, token, holder_id, host, pid, application, acquired_at,
 			(extract(epoch FROM expires_in) * 1000000)::bigint, busy
-			FROM ` + s + `.acquire($1, $2, $3)`,
-		release: `SELECT ` + s + `.release($1, $2, $3)`,
-		renew:   `SELECT alive, locks, tokens_xor FROM ` + s + `.renew($1)`,
-		verify:  `SELECT name, entity_id, token FROM ` + s + `.locks WHERE holder_id = $1`,
-		dropHolder: `WITH l AS (DELETE FROM ` + s + `.locks WHERE holder_id = $1)
-			DELETE FROM ` + s + `.holders WHERE id = $1`,
-		dropOrphan: `DELETE FROM ` + s + `.locks WHERE name = $1 AND entity_id = $2 AND holder_id = $3`,
+			FROM ` + s + `.acquire($1, $2, $3, $4)`,
+		release:    `SELECT ` + s + `.release($1, $2, $3, $4, $5)`,
+		renew:      `SELECT alive, locks, tokens_xor FROM ` + s + `.renew($1, $2)`,
+		verify:     `SELECT name, entity_id, token FROM ` + s + `.holder_locks($1, $2)`,
+		dropHolder: `SELECT ` + s + `.close_holder($1, $2)`,
+		dropOrphan: `SELECT ` + s + `.drop_orphan($1, $2, $3, $4)`,
 		fence:      `SELECT ` + s + `.fence($1, $2, $3)`,
 
 		markListening: `SELECT ` + s + `.mark_listening()`,

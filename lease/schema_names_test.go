@@ -165,6 +165,35 @@ func testSchemaName(t *testing.T, schema string) {
 		next("table, after a "+mode+" release,", r.l)
 		mustRelease(t, ctx, r.l)
 	}
+
+	// The grant sets, for a role whose name needs quoting too: the
+	// application role takes and fences a lock, the DBA role frees it, and
+	// revoke_grants takes everything back.
+	role := pgtest.NewRole(t, c, `app "role" é`)
+	e.grant("application", role)
+	e.grant("dba", role)
+	ra, rpool, _ := e.clientAs(role, lease.Config{HeartbeatInterval: 100 * time.Millisecond})
+	lr, err := ra.TryAcquire(ctx, k)
+	if err != nil {
+		t.Fatalf("TryAcquire as role %q: %v", role.Name, err)
+	}
+	next("table, as a role,", lr)
+	if err := pgx.BeginFunc(ctx, rpool, func(tx pgx.Tx) error { return lr.Fence(ctx, tx) }); err != nil {
+		t.Fatalf("Fence as role %q: %v", role.Name, err)
+	}
+	var freed int64
+	if err := rpool.QueryRow(ctx, "SELECT "+e.table("force_release")+"($1, $2, 'test')", k.Name, k.ID).Scan(&freed); err != nil || freed != lr.Token() {
+		t.Fatalf("force_release as role %q = %d, %v; want %d", role.Name, freed, err, lr.Token())
+	}
+	select {
+	case <-lr.Done():
+	case <-time.After(time.Minute):
+		t.Fatal("the holder was not told of the forced release")
+	}
+	e.exec("SELECT "+e.table("revoke_grants")+"(quote_ident($1)::regrole)", role.Name)
+	if _, err := rpool.Exec(ctx, "SELECT count(*) FROM "+e.table("held")); err == nil {
+		t.Fatalf("role %q still reads held after revoke_grants", role.Name)
+	}
 }
 
 // Names that the released migration 00002 cannot handle (and $user, which

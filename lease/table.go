@@ -49,7 +49,7 @@ func (m tableMode) attempt(ctx context.Context, key Key, ks *keyState, _ bool) (
 		acquiredAt            *time.Time
 		expiresInMicroseconds *int64
 	)
-	err = c.pool.QueryRow(ctx, c.q.acquire, key.Name, key.ID, h.id).Scan(
+	err = c.pool.QueryRow(ctx, c.q.acquire, key.Name, key.ID, h.id, h.secret).Scan(
 		&acquired, &token, &holderID, &host, &pid, &app, &acquiredAt, &expiresInMicroseconds, &busy)
 	c.attempts.Add(1) // after the reply: a test that sees the count sees no statement in flight
 	if err != nil {
@@ -99,7 +99,7 @@ func (m tableMode) attempt(ctx context.Context, key Key, ks *keyState, _ bool) (
 		// The holder was given up while we asked: this row is not ours to use.
 		// Its holder's clean-up may have run before the insert committed, so
 		// delete it by its token.
-		c.releaseInBackground(key, *token)
+		c.releaseInBackground(h, key, *token)
 		if closed {
 			return nil, nil, ErrClosed
 		}
@@ -127,7 +127,7 @@ func (t *tableLock) goneReason() LossReason { return LossRowDeleted }
 func (t *tableLock) release(ctx context.Context, l *Lock) (bool, error) {
 	c := l.c
 	var deleted bool
-	err := c.pool.QueryRow(ctx, c.q.release, l.key.Name, l.key.ID, l.token).Scan(&deleted)
+	err := c.pool.QueryRow(ctx, c.q.release, l.key.Name, l.key.ID, l.token, t.h.id, t.h.secret).Scan(&deleted)
 	c.mu.Lock()
 	c.forgetLocked(l)
 	if err != nil && !t.h.lost {

@@ -181,6 +181,7 @@ var released = map[string]string{
 	"00002_advisory.sql": "1a888f0f4ba4a4350d8bd1e29f37e0785af8f6644019020dac695038f47410fa",
 	"00003_engine.sql":   "0216d06db2a63cc3292a2d0ad7b2aa33779eab85c7662c2bd8cad91f212ec4c2",
 	"00004_reap.sql":     "6de0f98bd31efb01ee53428054e064d700bcf4124a6a8d8ea11bb6e9056837d4",
+	"00005_roles.sql":    "9e179b5e05d7e0d6b9ec3f8f97c121e6dfc3c1675bd9893ab752f226c34ac8fe",
 }
 
 func TestReleasedMigrationsUnchanged(t *testing.T) {
@@ -237,11 +238,11 @@ func catalog(t *testing.T, pool *pgxpool.Pool, schema string) string {
 	return out
 }
 
-// Up to 3, Down to 2 (leaving the schema exactly as version 2 made it), and
-// Up to 3 again; then the same from 3 to 4 and back. Every function but the
-// two on the advisory hot path (and, from 4 on, the procedure reap, which
-// must be able to commit) has its search_path pinned, and each keeps working
-// whatever the caller's is.
+// Up from 2 to the latest, Down one migration at a time back to 2 (leaving
+// the schema exactly as version 2 made it), and Up again. Every function but
+// the two on the advisory hot path and the procedure reap (which must be able
+// to commit) has its search_path pinned, and each keeps working whatever the
+// caller's is.
 func TestUpDownUp(t *testing.T) {
 	t.Parallel()
 	c := pgtest.Shared(t)
@@ -258,15 +259,28 @@ func TestUpDownUp(t *testing.T) {
 		t.Fatalf("catalog at version 2 misses key_hash or locks:\n%s", v2)
 	}
 	hashV2 := keyHash(t, pool, schema, "on")
+	st, err := migrations.Status(ctx, pool, schema)
+	if err != nil {
+		t.Fatal(err)
+	}
+	latest := int(st[len(st)-1].Version)
+	// upFrom2 applies every migration after 2, in order.
+	upFrom2 := func(when string) {
+		t.Helper()
+		res, err := migrations.Up(ctx, pool, schema)
+		if err != nil || len(res) != len(st)-2 || int(res[0].Version) != 3 || int(res[len(res)-1].Version) != latest {
+			t.Fatalf("%s = %+v, %v; want versions 3 to %d applied", when, res, err, latest)
+		}
+	}
 
-	check := func(when string, want int) {
+	check := func(when string) {
 		t.Helper()
 		st, err := migrations.Status(ctx, pool, schema)
 		if err != nil {
 			t.Fatal(err)
 		}
 		for _, s := range st {
-			if wantState := s.Version <= int64(want); (s.State == migrations.StateApplied) != wantState {
+			if wantState := s.Version <= int64(latest); (s.State == migrations.StateApplied) != wantState {
 				t.Fatalf("%s: %+v", when, s)
 			}
 		}
@@ -274,8 +288,8 @@ func TestUpDownUp(t *testing.T) {
 		if err := pool.QueryRow(ctx, "SELECT version, compatible_from FROM "+pgx.Identifier{schema, "schema_info"}.Sanitize()+"()").Scan(&version, &from); err != nil {
 			t.Fatalf("%s: schema_info(): %v", when, err)
 		}
-		if version != want || from != 3 {
-			t.Fatalf("%s: schema_info() = (%d, %d), want (%d, 3)", when, version, from, want)
+		if version != latest || from != 3 {
+			t.Fatalf("%s: schema_info() = (%d, %d), want (%d, 3)", when, version, from, latest)
 		}
 		rows, err := pool.Query(ctx, `SELECT p.proname, coalesce(p.proconfig, '{}') FROM pg_proc p
 			JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = $1`, schema)
@@ -296,7 +310,7 @@ func TestUpDownUp(t *testing.T) {
 		if err != nil || len(fns) < 15 {
 			t.Fatalf("%s: %d functions (%v)", when, len(fns), err)
 		}
-		if hasReap := slices.Contains(fns, "reap_holders") && slices.Contains(fns, "reap"); hasReap != (want >= 4) {
+		if hasReap := slices.Contains(fns, "reap_holders") && slices.Contains(fns, "reap"); hasReap != (latest >= 4) {
 			t.Fatalf("%s: functions %q: want the reaping functions exactly from version 4 on", when, fns)
 		}
 		var again int
@@ -314,36 +328,26 @@ func TestUpDownUp(t *testing.T) {
 		}
 	}
 
-	if err := migrations.UpTo(ctx, pool, schema, 3); err != nil {
-		t.Fatalf("Up from 2 to 3: %v", err)
-	}
-	check("after Up to 3", 3)
-	if res, err := migrations.Down(ctx, pool, schema); err != nil || res == nil || res.Version != 3 {
-		t.Fatalf("Down = %+v, %v; want version 3 rolled back", res, err)
+	upFrom2("Up from 2")
+	check("after Up")
+	// Every Down after 2, newest first, puts the schema back as it was.
+	for i := len(st) - 1; i >= 2; i-- {
+		res, err := migrations.Down(ctx, pool, schema)
+		if err != nil || res == nil || res.Version != st[i].Version {
+			t.Fatalf("Down = %+v, %v; want version %d rolled back", res, err, st[i].Version)
+		}
+		if prev := int(st[i-1].Version); prev > 2 {
+			var version int
+			if err := pool.QueryRow(ctx, "SELECT version FROM "+pgx.Identifier{schema, "schema_info"}.Sanitize()+"()").Scan(&version); err != nil || version != prev {
+				t.Fatalf("after Down to %d: schema_info() says version %d, %v", prev, version, err)
+			}
+		}
 	}
 	if got := catalog(t, pool, schema); got != v2 {
 		t.Fatalf("after Down the schema differs from version 2:\n%s\nwant:\n%s", got, v2)
 	}
-	if err := migrations.UpTo(ctx, pool, schema, 3); err != nil {
-		t.Fatalf("Up to 3 again: %v", err)
-	}
-	check("after Up, Down, Up to 3", 3)
-
-	v3 := catalog(t, pool, schema)
-	if res, err := migrations.Up(ctx, pool, schema); err != nil || len(res) != 1 || res[0].Version != 4 {
-		t.Fatalf("Up from 3 = %+v, %v; want version 4 applied", res, err)
-	}
-	check("after Up to 4", 4)
-	if res, err := migrations.Down(ctx, pool, schema); err != nil || res == nil || res.Version != 4 {
-		t.Fatalf("Down = %+v, %v; want version 4 rolled back", res, err)
-	}
-	if got := catalog(t, pool, schema); got != v3 {
-		t.Fatalf("after Down the schema differs from version 3:\n%s\nwant:\n%s", got, v3)
-	}
-	if res, err := migrations.Up(ctx, pool, schema); err != nil || len(res) != 1 || res[0].Version != 4 {
-		t.Fatalf("Up again = %+v, %v; want version 4 applied", res, err)
-	}
-	check("after Up, Down, Up to 4", 4)
+	upFrom2("Up again")
+	check("after Up, Down, Up")
 }
 
 // keyHash calls schema's key_hash on a connection of its own with

@@ -63,8 +63,8 @@ func readGrants(t *testing.T, schema, role string) string {
 		out = append(out, line)
 	}
 	sql := strings.Join(out, "\n")
-	if !strings.Contains(sql, "GRANT") {
-		t.Fatal("grants.sql has no GRANT statements")
+	if !strings.Contains(sql, "grant_reaper(") {
+		t.Fatal("grants.sql does not call grant_reaper")
 	}
 	return sql
 }

@@ -226,8 +226,8 @@ func (r *Reaper) fail(step string, err error) error {
 				r.cfg.Schema)
 		case code == "42501":
 			e.Kind = ErrPermission
-			e.Hint = fmt.Sprintf("the reaper's role needs USAGE on schema %q, EXECUTE on its reap functions and SELECT, DELETE on its holders and locks tables (see examples/reaper/grants.sql)",
-				r.cfg.Schema)
+			e.Hint = fmt.Sprintf("the reaper's role needs the reaper grant set of schema %q: as its owner, SELECT %s.grant_reaper('<role>') (see examples/reaper/grants.sql)",
+				r.cfg.Schema, pgx.Identifier{r.cfg.Schema}.Sanitize())
 		case code == "28P01" || code == "28000":
 			e.Kind = ErrUnreachable
 			e.Hint = "the server refused the login: check the user name and password of the connection settings"

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/pglease/pglease/internal/ident"
@@ -774,6 +775,33 @@ func TestGrants(t *testing.T) {
 	}
 	if _, err := f.reaper(pool, reaper.Config{DryRun: true}).RunOnce(ctx); err != nil {
 		t.Fatalf("dry run with grants: %v", err)
+	}
+	// The procedure, as a DBA or pg_cron would CALL it with this role.
+	f.addLocks(ctx, f.addHolders(ctx, 1, false), 3)
+	live := f.addHolders(ctx, 1, true)
+	f.addLocks(ctx, live, 2)
+	var holders, locks, skipped int64
+	if err := pool.QueryRow(ctx, "CALL "+f.Qualified("reap")+"()").Scan(&holders, &locks, &skipped); err != nil || holders != 1 || locks != 3 {
+		t.Fatalf("CALL reap() as the reaper role = %d holders, %d locks, %v; want 1, 3", holders, locks, err)
+	}
+	// And that is all it may do: no table, no lock, no DBA tool.
+	for _, sql := range []string{
+		"SELECT count(*) FROM " + f.locks,
+		"DELETE FROM " + f.locks,
+		"UPDATE " + f.holders + " SET expires_at = clock_timestamp()",
+		"SELECT " + f.Qualified("register") + "('h', 1, 'a', interval '1 minute', '\\x00112233445566778899aabbccddeeff'::bytea)",
+		"SELECT * FROM " + f.Qualified("acquire") + "('k', '1', 1, '\\x00112233445566778899aabbccddeeff'::bytea)",
+		"SELECT " + f.Qualified("force_release") + "('k', '1')",
+		"SELECT " + f.Qualified("grant_reaper") + "('" + role + "')",
+	} {
+		_, err := pool.Exec(ctx, sql)
+		var pgErr *pgconn.PgError
+		if !errors.As(err, &pgErr) || pgErr.Code != "42501" {
+			t.Errorf("%s as the reaper role: %v; want permission denied (42501)", sql, err)
+		}
+	}
+	if n := f.Count(ctx, t, "SELECT count(*) FROM "+f.locks+" WHERE holder_id = $1", live[0]); n != 2 {
+		t.Errorf("the live holder has %d lock rows, want 2", n)
 	}
 }
 

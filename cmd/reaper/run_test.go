@@ -200,8 +200,12 @@ func TestOnceFailures(t *testing.T) {
 	}
 	// A schema from before the reaping functions (version 3).
 	f := newFixture(t)
-	if res, err := migrations.Down(t.Context(), f.Pool, f.Schema); err != nil || res.Version != 4 {
-		t.Fatalf("Down = %+v, %v; want version 4 rolled back", res, err)
+	for v := int64(99); v != 4; { // down to version 3, whatever the latest is
+		res, err := migrations.Down(t.Context(), f.Pool, f.Schema)
+		if err != nil || res == nil || res.Version < 4 {
+			t.Fatalf("Down = %+v, %v; want versions down to 4 rolled back", res, err)
+		}
+		v = res.Version
 	}
 	res = runIn(t, t.Context(), []string{"DATABASE_URL=" + url}, "--once", "--schema", f.Schema)
 	if res.code != exitFailed || !strings.Contains(res.stderr, `schema not migrated: schema \"`+f.Schema+`\" is at version 3; the reaper needs version 4`) ||

@@ -11,26 +11,14 @@
 --   CREATE ROLE pglease_reaper LOGIN PASSWORD '...';
 --   GRANT CONNECT ON DATABASE yourdb TO pglease_reaper;
 --
--- Why each privilege:
---   USAGE on the schema     to see the tables at all.
---   SELECT, DELETE          to find dead rows and delete them.
---   UPDATE on one column    PostgreSQL requires an UPDATE privilege for
---                           SELECT ... FOR UPDATE SKIP LOCKED, which is how
---                           the reaper locks the rows it is about to delete
---                           without waiting on anyone. The reaper never
---                           updates a row; the columns granted are
---                           informational ones that nothing depends on.
--- The deleting is done by the schema's SQL functions reap_holders,
--- reap_locks and reap_dry_run (the procedure reap calls them too), which run
--- with the caller's rights, so these table privileges are what they need;
--- EXECUTE on them, and on schema_info(), is PUBLIC's by default.
--- The delete trigger's functions (channel(), notify_deleted()) are executable
--- by PUBLIC, so deleting lock rows sends the notifications that wake waiters
--- without further grants.
+-- grant_reaper (schema version 5) grants USAGE on the schema, EXECUTE on
+-- schema_info and on the reaping functions (reap_holders, reap_locks,
+-- reap_dry_run and the procedure reap), and SELECT on the views held and
+-- holder_status. The reaping functions run with the schema owner's rights,
+-- so the role needs no privilege on any table: it can reap and nothing else.
+-- SELECT lease.revoke_grants('pglease_reaper') takes it all back.
 --
 -- "reaper migrate up|down" needs more: it creates and drops the tables. Run
 -- it as the schema owner, not as this role.
 
-GRANT USAGE ON SCHEMA lease TO pglease_reaper;
-GRANT SELECT, DELETE, UPDATE (started_at) ON TABLE lease.holders TO pglease_reaper;
-GRANT SELECT, DELETE, UPDATE (acquired_at) ON TABLE lease.locks TO pglease_reaper;
+SELECT lease.grant_reaper('pglease_reaper');
