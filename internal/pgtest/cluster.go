@@ -90,6 +90,27 @@ func External(url string) *Cluster { return &Cluster{url: url} }
 // Start initialises and starts a throwaway cluster in a temporary directory.
 // When running as root, initdb and postgres run as the "postgres" user.
 func Start(opts Options) (*Cluster, error) {
+	c, err := newOwned()
+	if err != nil {
+		return nil, err
+	}
+	initdb := c.command(filepath.Join(c.binDir, "initdb"), "-D", c.dataDir(), "-U", "postgres", "-A", "trust",
+		"-E", "UTF8", "--locale=C", "--no-sync", "--no-instructions")
+	if out, err := initdb.CombinedOutput(); err != nil {
+		_ = os.RemoveAll(c.dir)
+		return nil, fmt.Errorf("pgtest: initdb: %w\n%s", err, out)
+	}
+	c.configure(opts)
+	if err := c.startOnFreePort(); err != nil {
+		_ = os.RemoveAll(c.dir)
+		return nil, err
+	}
+	return c, nil
+}
+
+// newOwned makes the directories of an owned cluster (its data directory not
+// yet initialised) and finds the binaries and the user to run them as.
+func newOwned() (*Cluster, error) {
 	binDir, err := findBinDir()
 	if err != nil {
 		return nil, err
@@ -108,7 +129,6 @@ func Start(opts Options) (*Cluster, error) {
 		return nil, fmt.Errorf("pgtest: %w", err)
 	}
 	c.sockDir = filepath.Join(c.dir, "sock")
-	data := filepath.Join(c.dir, "data")
 	if err := os.Mkdir(c.sockDir, 0o700); err != nil {
 		_ = os.RemoveAll(c.dir)
 		return nil, fmt.Errorf("pgtest: %w", err)
@@ -121,12 +141,14 @@ func Start(opts Options) (*Cluster, error) {
 			}
 		}
 	}
-	initdb := c.command(filepath.Join(binDir, "initdb"), "-D", data, "-U", "postgres", "-A", "trust",
-		"-E", "UTF8", "--locale=C", "--no-sync", "--no-instructions")
-	if out, err := initdb.CombinedOutput(); err != nil {
-		_ = os.RemoveAll(c.dir)
-		return nil, fmt.Errorf("pgtest: initdb: %w\n%s", err, out)
-	}
+	return c, nil
+}
+
+func (c *Cluster) dataDir() string { return filepath.Join(c.dir, "data") }
+
+// configure sets the server's command line from the default settings and
+// opts.
+func (c *Cluster) configure(opts Options) {
 	settings := map[string]string{
 		"listen_addresses":          "127.0.0.1",
 		"unix_socket_directories":   c.sockDir,
@@ -152,24 +174,25 @@ func Start(opts Options) (*Cluster, error) {
 		keys = append(keys, k)
 	}
 	sort.Strings(keys)
-	c.args = []string{"-D", data}
+	c.args = []string{"-D", c.dataDir()}
 	for _, k := range keys {
 		c.args = append(c.args, "-c", k+"="+settings[k])
 	}
+}
+
+// startOnFreePort starts the server on a free port, trying a few in case
+// another process takes one first.
+func (c *Cluster) startOnFreePort() error {
 	for attempt := 0; ; attempt++ {
-		c.port, err = freePort()
+		port, err := freePort()
 		if err != nil {
-			_ = os.RemoveAll(c.dir)
-			return nil, fmt.Errorf("pgtest: %w", err)
+			return fmt.Errorf("pgtest: %w", err)
 		}
+		c.port = port
 		c.url = fmt.Sprintf("postgres://postgres@127.0.0.1:%d/postgres?sslmode=disable", c.port)
 		err = c.start()
-		if err == nil {
-			return c, nil
-		}
-		if attempt == 3 {
-			_ = os.RemoveAll(c.dir)
-			return nil, err
+		if err == nil || attempt == 3 {
+			return err
 		}
 	}
 }
