@@ -216,30 +216,8 @@ func (c *Cluster) start() error {
 	if err != nil {
 		return err
 	}
-	cmd.Stdout, cmd.Stderr = logf, logf
-	if cmd.SysProcAttr == nil {
-		cmd.SysProcAttr = &syscall.SysProcAttr{}
-	}
-	// If this test process dies, take the server down with it (immediate
-	// shutdown). Pdeathsig follows the OS thread that started the child, so
-	// that thread is kept for exactly the child's lifetime.
-	cmd.SysProcAttr.Pdeathsig = syscall.SIGQUIT
-	started := make(chan error, 1)
-	exited := make(chan struct{})
-	go func() {
-		runtime.LockOSThread() // never unlocked: the thread ends with this goroutine
-		if err := cmd.Start(); err != nil {
-			started <- err
-			close(exited)
-			return
-		}
-		started <- nil
-		_ = cmd.Wait()
-		_ = logf.Close()
-		close(exited)
-	}()
-	if err := <-started; err != nil {
-		_ = logf.Close()
+	exited, err := spawn(cmd, logf, syscall.SIGQUIT)
+	if err != nil {
 		return fmt.Errorf("pgtest: start postgres: %w", err)
 	}
 	c.mu.Lock()
@@ -266,6 +244,38 @@ func (c *Cluster) start() error {
 		}
 		time.Sleep(20 * time.Millisecond) // readiness poll of an external process
 	}
+}
+
+// spawn starts cmd with its output to logf (closed when the process ends)
+// and returns a channel closed when it has exited. If this test process dies,
+// the child gets deathSig (for postgres, SIGQUIT: an immediate shutdown).
+func spawn(cmd *exec.Cmd, logf *os.File, deathSig syscall.Signal) (exited chan struct{}, err error) {
+	cmd.Stdout, cmd.Stderr = logf, logf
+	if cmd.SysProcAttr == nil {
+		cmd.SysProcAttr = &syscall.SysProcAttr{}
+	}
+	// Pdeathsig follows the OS thread that started the child, so that
+	// thread is kept for exactly the child's lifetime.
+	cmd.SysProcAttr.Pdeathsig = deathSig
+	started := make(chan error, 1)
+	exited = make(chan struct{})
+	go func() {
+		runtime.LockOSThread() // never unlocked: the thread ends with this goroutine
+		if err := cmd.Start(); err != nil {
+			started <- err
+			close(exited)
+			return
+		}
+		started <- nil
+		_ = cmd.Wait()
+		_ = logf.Close()
+		close(exited)
+	}()
+	if err := <-started; err != nil {
+		_ = logf.Close()
+		return nil, err
+	}
+	return exited, nil
 }
 
 // kill signals the postmaster and waits for it to exit.
@@ -319,18 +329,23 @@ func (c *Cluster) signalAll(sig syscall.Signal) error {
 	if !c.owned || p == nil {
 		return errors.New("pgtest: not a running owned cluster")
 	}
-	pids := []int{p.Pid}
-	if kids, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", p.Pid, p.Pid)); err == nil {
-		for _, f := range strings.Fields(string(kids)) {
-			if pid, err := strconv.Atoi(f); err == nil {
-				pids = append(pids, pid)
-			}
-		}
-	}
-	for _, pid := range pids {
+	for _, pid := range withChildren(p.Pid) {
 		_ = syscall.Kill(pid, sig)
 	}
 	return nil
+}
+
+// withChildren returns pid and the pids of its children.
+func withChildren(pid int) []int {
+	pids := []int{pid}
+	if kids, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", pid, pid)); err == nil {
+		for _, f := range strings.Fields(string(kids)) {
+			if k, err := strconv.Atoi(f); err == nil {
+				pids = append(pids, k)
+			}
+		}
+	}
+	return pids
 }
 
 // Stop shuts the server down (fast) and removes its files. Owned clusters only;
