@@ -217,7 +217,7 @@ func (p *Patroni) newNode(i int, opts PatroniOptions) (*patroniNode, error) {
 		return nil, err
 	}
 	ttl := int(opts.TTL / time.Second)
-	retry := max((ttl-1)/2-1, 1) // loop_wait + 2*retry_timeout <= ttl
+	retry := max((ttl-1)/2, 2) // loop_wait + 2*retry_timeout <= ttl
 	// JSON is YAML: the configuration is written with encoding/json, so
 	// that no value needs YAML quoting by hand.
 	conf := map[string]any{
@@ -403,7 +403,7 @@ func (p *Patroni) WaitLeader(ctx context.Context, not string) (string, error) {
 		return nil
 	})
 	if err != nil {
-		return "", fmt.Errorf("pgtest: no Patroni leader other than %q: %w", not, err)
+		return "", fmt.Errorf("pgtest: no Patroni leader other than %q: %w%s", not, err, p.logs())
 	}
 	return leader, nil
 }
@@ -618,6 +618,15 @@ func (p *Patroni) get(ctx context.Context, n *patroniNode, path string, out any)
 		return fmt.Errorf("%s: %s", resp.Status, b)
 	}
 	return json.Unmarshal(b, out)
+}
+
+// logs returns the tails of the nodes' Patroni logs, for an error.
+func (p *Patroni) logs() string {
+	var b strings.Builder
+	for _, n := range p.nodes {
+		fmt.Fprintf(&b, "\n%s patroni log:\n%s", n.name, tail(filepath.Join(n.dir, "patroni.log")))
+	}
+	return b.String()
 }
 
 func (n *patroniNode) running() bool {

@@ -1,0 +1,200 @@
+package torture
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"time"
+
+	"testing"
+
+	"github.com/pglease/pglease/internal/pgtest"
+)
+
+// The failover scenario: holders contend for table and advisory locks
+// through a multi-host connection string while the primary is killed
+// (SIGKILL of every process of it) and a synchronous standby takes over,
+// again and again: by the harness directly (pg_promote, the old primary
+// rewound and rejoined) and by Patroni (its leader's Patroni and PostgreSQL
+// killed together, Patroni promoting its synchronous standby, the old node
+// restarted and rejoining). Both oracles must hold, and a table lock must
+// never lose its row to a failover: with a synchronous standby every grant
+// the holder was told of is on the new primary.
+
+// failoverRec is one failover as the suite saw it.
+type failoverRec struct {
+	killT, writableT int64 // the kill; the new primary accepting writes
+	rejoinedT        int64 // the old primary streaming from the new one
+	heldTable        []*interval
+	heldAdv          []*interval
+}
+
+// failover kills the primary and waits for a writable new one; it returns
+// once the cluster is back to full strength (the old primary rejoined).
+type failoverFunc func(ctx context.Context, r *run, rec *failoverRec) error
+
+func TestTortureFailover(t *testing.T) {
+	bin := buildHolder(t)
+	base := params{
+		procs: 4, keys: 2, dur: 10 * time.Second,
+		ttl: 3 * time.Second, poll: 300 * time.Millisecond,
+		work: 60 * time.Millisecond, rawFence: 0.5, check: 300 * time.Millisecond,
+		mode: "mixed",
+	}
+	if long() {
+		base.procs, base.keys, base.dur = 8, 4, 85*time.Second
+	}
+	t.Run("harness", func(t *testing.T) {
+		rs := pgtest.Replicated(t, pgtest.ReplicaOptions{Standbys: 2, Sync: true, NoFsync: true})
+		r := newRun(t, rs.Cluster(), bin, "failover", base)
+		r.fail(r.exec(func(ctx context.Context, r *run) { faultFailover(ctx, r, harnessFailover(rs)) }))
+	})
+	t.Run("patroni", func(t *testing.T) {
+		pt := pgtest.StartPatroni(t, pgtest.PatroniOptions{TTL: 5 * time.Second})
+		p := base
+		// Patroni takes about its TTL to give up a dead leader: a lease
+		// that outlives that keeps its table locks.
+		p.ttl = 10 * time.Second
+		if !long() {
+			p.dur = 2 * time.Second // starts one failover; the rest is its recovery
+		}
+		r := newRun(t, pt.Cluster(), bin, "failover_patroni", p)
+		r.fail(r.exec(func(ctx context.Context, r *run) { faultFailover(ctx, r, patroniFailover(pt)) }))
+	})
+}
+
+func harnessFailover(rs *pgtest.ReplicaSet) failoverFunc {
+	return func(ctx context.Context, r *run, rec *failoverRec) error {
+		old := rs.Primary()
+		if err := rs.KillPrimary(); err != nil {
+			return err
+		}
+		rec.killT = Now()
+		if _, err := rs.Failover(ctx); err != nil {
+			return err
+		}
+		rec.writableT = Now()
+		err := rs.Rejoin(ctx, old, pgtest.Rewind)
+		rec.rejoinedT = Now()
+		return err
+	}
+}
+
+func patroniFailover(pt *pgtest.Patroni) failoverFunc {
+	return func(ctx context.Context, r *run, rec *failoverRec) error {
+		old, err := pt.KillLeader(ctx)
+		if err != nil {
+			return err
+		}
+		rec.killT = Now()
+		if _, err := pt.WaitLeader(ctx, old); err != nil {
+			return err
+		}
+		rec.writableT = Now()
+		err = pt.Restart(ctx, old)
+		rec.rejoinedT = Now()
+		return err
+	}
+}
+
+// faultFailover fails the primary over every TTL/4 to TTL/2 (after the last
+// failover's rejoin) until ctx is done, at least once, and adds the
+// scenario's figures to its line.
+func faultFailover(ctx context.Context, r *run, fail failoverFunc) {
+	var recs []*failoverRec
+	for first := true; first || sleep(ctx, between(r.p.ttl/4, r.p.ttl/2)); first = false {
+		r.waitHolding(false, r.p.ttl) // something held to carry across
+		rec := &failoverRec{}
+		var names []string
+		r.mu.Lock()
+		for _, hp := range r.procs {
+			if !hp.killed && !hp.stopped {
+				names = append(names, hp.name)
+			}
+		}
+		for _, iv := range r.open {
+			if iv.adv {
+				rec.heldAdv = append(rec.heldAdv, iv)
+			} else {
+				rec.heldTable = append(rec.heldTable, iv)
+			}
+		}
+		r.mu.Unlock()
+		// Every session to the old primary goes with it.
+		r.dropped(Now(), names...)
+		fctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+		err := fail(fctx, r, rec)
+		cancel()
+		if err != nil {
+			r.violate("failover: %v", err)
+			return
+		}
+		r.mu.Lock()
+		r.faults++
+		r.mu.Unlock()
+		recs = append(recs, rec)
+	}
+	r.afterBg = append(r.afterBg, func() { r.extra = append(r.extra, r.failoverFigures(recs)) })
+}
+
+// failoverFigures checks what failovers did to the locks held at the kill
+// and returns the figures for the scenario's line: failovers, their
+// duration (kill to a writable new primary), table locks kept and lost,
+// advisory locks lost (all of them, to be right), and handover: from the
+// kill to the next grant of each key held at the kill.
+func (r *run) failoverFigures(recs []*failoverRec) string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var durs, rejoins, handovers []time.Duration
+	kept, tableLost, advLost, advKept := 0, 0, 0, 0
+	for _, rec := range recs {
+		durs = append(durs, time.Duration(rec.writableT-rec.killT))
+		rejoins = append(rejoins, time.Duration(rec.rejoinedT-rec.writableT))
+		for _, iv := range rec.heldTable {
+			switch {
+			case iv.lostT == 0 && iv.release != ReleaseLost:
+				kept++
+			case iv.lostWhy == "row deleted" || iv.release == ReleaseLost && iv.lostT == 0:
+				r.violateLocked("failover: %s's table lock %s token %d lost its row across a failover to a synchronous standby",
+					iv.proc, iv.key, iv.token)
+				tableLost++
+			default:
+				tableLost++ // not renewed in time: counted, as slow renewals are elsewhere
+			}
+		}
+		for _, iv := range rec.heldAdv {
+			if iv.lostT == 0 && iv.release == ReleaseOK {
+				advKept++
+			} else {
+				advLost++
+			}
+		}
+		for _, iv := range append(slices.Clone(rec.heldTable), rec.heldAdv...) {
+			var next int64
+			for _, x := range r.intervals {
+				if x.key == iv.key && x.start > rec.killT && (next == 0 || x.start < next) {
+					next = x.start
+				}
+			}
+			if next != 0 {
+				handovers = append(handovers, time.Duration(next-rec.killT))
+			}
+		}
+	}
+	if advKept > 0 {
+		r.violateLocked("failover: %d advisory locks were released as if held after their server was killed", advKept)
+	}
+	return fmt.Sprintf(" failovers=%d failover_time=%s rejoin_time=%s table_held_at_kill=%d kept=%d table_lost=%d"+
+		" advisory_lost=%d/%d next_grant_after_kill=%s", len(recs), spread(durs), spread(rejoins), kept+tableLost, kept,
+		tableLost, advLost, advLost+advKept, spread(handovers))
+}
+
+// spread is min/median/max of ds (min/median/max), or "-".
+func spread(ds []time.Duration) string {
+	if len(ds) == 0 {
+		return "-"
+	}
+	slices.Sort(ds)
+	r := func(d time.Duration) string { return d.Round(time.Millisecond).String() }
+	return r(ds[0]) + "/" + r(ds[len(ds)/2]) + "/" + r(ds[len(ds)-1])
+}
