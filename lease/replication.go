@@ -47,7 +47,7 @@ func (c *Client) pauseAfterFailure(ctx context.Context, err error) error {
 // connectionFailure reports whether err means the server could not be
 // reached or went away, rather than that it refused the request.
 func connectionFailure(err error) bool {
-	if err == nil {
+	if err == nil || errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
 		return false
 	}
 	if pgErr, ok := errors.AsType[*pgconn.PgError](err); ok {
@@ -148,12 +148,17 @@ type serverView struct {
 	offset, uncertainty   time.Duration // server clock - local clock, ± half the round trip
 }
 
-const serverViewSQL = `SELECT current_setting('synchronous_commit'), current_setting('synchronous_standby_names'),
+// serverViewSQL reads the server's view in one round trip. Standbys are the
+// physical walsenders: a logical replication consumer is not one that could
+// be promoted.
+const serverViewSQL = `WITH standby AS (SELECT sync_state FROM pg_stat_replication
+		WHERE (state = 'streaming' OR state IS NULL) AND pid NOT IN
+		      (SELECT active_pid FROM pg_replication_slots WHERE slot_type = 'logical' AND active_pid IS NOT NULL))
+	SELECT current_setting('synchronous_commit'), current_setting('synchronous_standby_names'),
 	pg_is_in_recovery(),
-	(SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming' OR state IS NULL),
+	(SELECT count(*) FROM standby),
 	(SELECT CASE WHEN bool_and(sync_state IS NOT NULL) OR count(*) = 0
-		THEN count(*) FILTER (WHERE sync_state IN ('async', 'potential')) ELSE -1 END
-	 FROM pg_stat_replication WHERE state = 'streaming' OR state IS NULL),
+		THEN count(*) FILTER (WHERE sync_state IN ('async', 'potential')) ELSE -1 END FROM standby),
 	coalesce(host(inet_server_addr()), 'local') || ':' || coalesce(inet_server_port()::text, '') || ' timeline ' ||
 	CASE WHEN pg_is_in_recovery() THEN '?' ELSE
 		(('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int)::text END,
