@@ -266,17 +266,29 @@ func TestFailoverMutualExclusion(t *testing.T) {
 
 // With the server gone for good, a waiting Acquire keeps trying until its
 // context ends and then returns the context's error; TryAcquire returns the
-// connection's error at once.
+// connection's error at once; releasing an advisory lock whose session died
+// with the server reports it lost, not released.
 func TestAcquireWhileServerDown(t *testing.T) {
 	t.Parallel()
 	srv := pgtest.Owned(t, pgtest.Options{NoFsync: true})
 	e := newEnvOn(t, srv)
 	c, _, _ := e.client(failoverConfig)
 	mustRelease(t, e.ctx, mustAcquire(t, e.ctx, c, lease.Key{Name: "down", ID: "0"}))
+	// An advisory lock whose connection check would come only in a minute:
+	// its Release is the first to find the session gone.
+	slow, _, _ := e.client(lease.Config{Advisory: lease.AdvisoryConfig{CheckInterval: time.Minute}})
+	adv, err := slow.Advisory().Acquire(e.ctx, lease.Key{Name: "down", ID: "adv"})
+	if err != nil {
+		t.Fatal(err)
+	}
 	if err := srv.Kill(); err != nil {
 		t.Fatal(err)
 	}
-	_, err := c.TryAcquire(e.ctx, lease.Key{Name: "down", ID: "1"})
+	var lost *lease.LostError
+	if err := adv.Release(e.ctx); !errors.As(err, &lost) || lost.Reason != lease.LossConnectionLost {
+		t.Fatalf("Release of an advisory lock whose server was killed: %v; want a LostError (LossConnectionLost)", err)
+	}
+	_, err = c.TryAcquire(e.ctx, lease.Key{Name: "down", ID: "1"})
 	if err == nil || errors.Is(err, context.DeadlineExceeded) || errors.Is(err, lease.ErrLocked) {
 		t.Fatalf("TryAcquire with the server down: %v; want the connection's error", err)
 	}
