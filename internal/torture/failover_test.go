@@ -17,15 +17,17 @@ import (
 // again and again: by the harness directly (pg_promote, the old primary
 // rewound and rejoined) and by Patroni (its leader's Patroni and PostgreSQL
 // killed together, Patroni promoting its synchronous standby, the old node
-// restarted and rejoining). Both oracles must hold, and a table lock must
-// never lose its row to a failover: with a synchronous standby every grant
-// the holder was told of is on the new primary.
+// restarted and rejoining; and switchovers through its REST API). Both
+// oracles must hold, and a table lock must never lose its row to a
+// failover: with a synchronous standby every grant the holder was told of is
+// on the new primary.
 
 // failoverRec is one failover as the suite saw it.
 type failoverRec struct {
 	killT, killedT int64 // just before the kill; once every process of the old primary is gone
 	writableT      int64 // the new primary accepting writes
 	rejoinedT      int64 // the old primary streaming from the new one
+	switchover     bool  // a graceful switchover through Patroni, not a kill
 	heldTable      []*interval
 	heldAdv        []*interval
 }
@@ -48,7 +50,7 @@ func TestTortureFailover(t *testing.T) {
 	t.Run("harness", func(t *testing.T) {
 		rs := pgtest.Replicated(t, pgtest.ReplicaOptions{Standbys: 2, Sync: true, NoFsync: true})
 		r := newRun(t, rs.Cluster(), bin, "failover", base)
-		r.fail(r.exec(func(ctx context.Context, r *run) { faultFailover(ctx, r, harnessFailover(rs)) }))
+		r.fail(r.exec(func(ctx context.Context, r *run) { faultFailover(ctx, r, harnessFailover(rs), 1) }))
 	})
 	t.Run("patroni", func(t *testing.T) {
 		pt := pgtest.StartPatroni(t, pgtest.PatroniOptions{TTL: 5 * time.Second})
@@ -57,10 +59,10 @@ func TestTortureFailover(t *testing.T) {
 		// that outlives that keeps its table locks.
 		p.ttl = 10 * time.Second
 		if !long() {
-			p.dur = 2 * time.Second // starts one failover; the rest is its recovery
+			p.dur = 2 * time.Second // a failover and a switchover, at least, whatever the duration
 		}
 		r := newRun(t, pt.Cluster(), bin, "failover_patroni", p)
-		r.fail(r.exec(func(ctx context.Context, r *run) { faultFailover(ctx, r, patroniFailover(pt)) }))
+		r.fail(r.exec(func(ctx context.Context, r *run) { faultFailover(ctx, r, patroniFailover(pt), 2) }))
 	})
 }
 
@@ -82,10 +84,34 @@ func harnessFailover(rs *pgtest.ReplicaSet) failoverFunc {
 	}
 }
 
+// patroniFailover alternates a failover (the leader's Patroni and
+// PostgreSQL killed, Patroni promoting its synchronous standby, the old node
+// restarted) and a switchover through Patroni's REST API (the leader shut
+// down cleanly, its synchronous standby promoted, the old leader following).
 func patroniFailover(pt *pgtest.Patroni) failoverFunc {
+	round := 0
 	return func(ctx context.Context, r *run, rec *failoverRec) error {
+		round++
 		old, err := pt.Leader(ctx)
 		if err != nil {
+			return err
+		}
+		if round%2 == 0 {
+			var to string
+			for _, n := range pt.Names() {
+				if n != old {
+					to = n
+				}
+			}
+			rec.switchover = true
+			rec.killT = Now()
+			if err := pt.Switchover(ctx, to); err != nil {
+				return err
+			}
+			rec.killedT = Now()
+			rec.writableT = rec.killedT
+			err := pt.WaitHealthy(ctx)
+			rec.rejoinedT = Now()
 			return err
 		}
 		rec.killT = Now()
@@ -104,11 +130,11 @@ func patroniFailover(pt *pgtest.Patroni) failoverFunc {
 }
 
 // faultFailover fails the primary over every TTL/4 to TTL/2 (after the last
-// failover's rejoin) until ctx is done, at least once, and adds the
-// scenario's figures to its line.
-func faultFailover(ctx context.Context, r *run, fail failoverFunc) {
+// failover's rejoin) until ctx is done, at least minRounds times, and adds
+// the scenario's figures to its line.
+func faultFailover(ctx context.Context, r *run, fail failoverFunc, minRounds int) {
 	var recs []*failoverRec
-	for first := true; first || sleep(ctx, between(r.p.ttl/4, r.p.ttl/2)); first = false {
+	for len(recs) < minRounds || sleep(ctx, between(r.p.ttl/4, r.p.ttl/2)) {
 		r.waitHolding(false, r.p.ttl) // something held to carry across
 		rec := &failoverRec{}
 		var names []string
@@ -151,7 +177,7 @@ func faultFailover(ctx context.Context, r *run, fail failoverFunc) {
 func (r *run) failoverFigures(recs []*failoverRec) string {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	var durs, rejoins, handovers []time.Duration
+	var durs, switches, rejoins, handovers []time.Duration
 	kept, tableLost, advLost, advKept := 0, 0, 0, 0
 	// Held at the kill: not ended before it began (what was released
 	// between the look at r.open and the kill was not). An advisory lock
@@ -168,7 +194,11 @@ func (r *run) failoverFigures(recs []*failoverRec) string {
 	}
 	for _, rec := range recs {
 		rec.heldTable, rec.heldAdv = atKill(rec.heldTable, rec.killT), atKill(rec.heldAdv, rec.killedT)
-		durs = append(durs, time.Duration(rec.writableT-rec.killT))
+		if rec.switchover {
+			switches = append(switches, time.Duration(rec.writableT-rec.killT))
+		} else {
+			durs = append(durs, time.Duration(rec.writableT-rec.killT))
+		}
 		rejoins = append(rejoins, time.Duration(rec.rejoinedT-rec.writableT))
 		for _, iv := range rec.heldTable {
 			switch {
@@ -204,8 +234,9 @@ func (r *run) failoverFigures(recs []*failoverRec) string {
 	if advKept > 0 {
 		r.violateLocked("failover: %d advisory locks held at a kill were released without an error: their sessions died first", advKept)
 	}
-	return fmt.Sprintf(" failovers=%d failover_time=%s rejoin_time=%s table_held_at_kill=%d kept=%d table_lost=%d"+
-		" advisory_lost=%d/%d next_grant_after_kill=%s", len(recs), spread(durs), spread(rejoins), kept+tableLost, kept,
+	return fmt.Sprintf(" failovers=%d failover_time=%s switchovers=%d switchover_time=%s rejoin_time=%s"+
+		" table_held_at_kill=%d kept=%d table_lost=%d advisory_lost=%d/%d next_grant_after_kill=%s",
+		len(durs), spread(durs), len(switches), spread(switches), spread(rejoins), kept+tableLost, kept,
 		tableLost, advLost, advLost+advKept, spread(handovers))
 }
 
