@@ -347,8 +347,11 @@ func (h *advisoryLock) unlock(ctx context.Context, l *Lock) (bool, error) {
 	s.unlockConn()
 	if err != nil {
 		// Closing the connection is the one sure way to free the lock now.
+		// But if the session was gone already (the server died, a failover),
+		// the lock went with it before this release: lost, not released.
+		gone := connectionFailure(err) // replication.go
 		p.lose(s, "release failed", err)
-		return true, nil
+		return !gone, nil
 	}
 	c.mu.Lock()
 	p.mu.Lock()

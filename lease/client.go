@@ -49,6 +49,8 @@ type Client struct {
 	wg            sync.WaitGroup // heartbeats and clean-ups
 
 	attempts atomic.Int64 // acquire statements sent and answered (or failed), for tests and benchmarks
+
+	clock serverClock // replication.go
 }
 
 // New returns a Client using pool, which stays the caller's (Close does not

@@ -90,6 +90,12 @@ type Config struct {
 	// MeterName. Defaults to nil: no instruments are made and nothing is
 	// measured.
 	MeterProvider metric.MeterProvider
+
+	// Replication says what to do when the check at first use finds that an
+	// acquire's commit does not wait for a standby, so that a failover could
+	// lose granted locks (see ReplicationPolicy and README "Failover").
+	// Defaults to ReplicationWarn.
+	Replication ReplicationPolicy
 }
 
 // resolve returns a copy of cfg with defaults filled in, or a *ConfigError.
@@ -160,6 +166,9 @@ func (cfg *Config) resolve() (Config, error) {
 	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	if c.Replication < ReplicationWarn || c.Replication > ReplicationIgnore {
+		return c, &ConfigError{"Replication", fmt.Sprintf("%d is not a ReplicationPolicy; leave it 0 for ReplicationWarn", int(c.Replication))}
 	}
 	adv, err := c.Advisory.resolve()
 	if err != nil {

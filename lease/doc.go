@@ -41,6 +41,11 @@
 //     go back.
 //   - Mutual exclusion never depends on notifications: they only wake waiters
 //     early. A missed one costs latency (PollInterval), never correctness.
+//   - A failover keeps table locks only if acquires and renewals were on the
+//     standby that takes over: a synchronous one (Config.Replication checks).
+//     Advisory locks are lost with their sessions (LossConnectionLost).
+//     Connect with every node and target_session_attrs=read-write; waiters
+//     ride through, and node clocks must agree to well within SafetyMargin.
 //
 // # Locks are not reentrant
 //

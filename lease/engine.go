@@ -149,6 +149,12 @@ func (c *Client) acquireObserved(ctx context.Context, m acquireMode, key Key, wa
 			continue
 		}
 		if err != nil {
+			if wait && connectionFailure(err) { // a failover, say: see replication.go
+				if err := c.pauseAfterFailure(ctx, err); err != nil {
+					return nil, err
+				}
+				continue
+			}
 			return nil, err
 		}
 		if l != nil {

@@ -61,7 +61,9 @@ func (c *Client) ensureHolder(ctx context.Context) (*holder, error) {
 
 	var err error
 	if !checked {
-		err = checkSchema(ctx, c.pool, c.cfg.Schema)
+		if err = checkSchema(ctx, c.pool, c.cfg.Schema); err == nil {
+			err = c.checkReplication(ctx) // replication.go
+		}
 	}
 	start := time.Now()
 	var id int64
@@ -180,6 +182,9 @@ func (c *Client) heartbeat(h *holder, last time.Time) {
 			orphans = append(orphans, k)
 		}
 		c.mu.Unlock()
+		if retrying {
+			c.noteReconnect(h) // a new primary, perhaps: replication.go
+		}
 		last, retrying = start, false
 		if n != wantN || x != wantX {
 			c.verify(h, cutoff)

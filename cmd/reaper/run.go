@@ -67,6 +67,9 @@ func run(ctx context.Context, args, env []string, stdout, stderr io.Writer) int 
 	if err != nil {
 		return usage(stderr, err)
 	}
+	if onStandby(ctx, pool, log) { // standby.go
+		return exitFailed
+	}
 
 	m := newMetrics(opts.unhealthyAfter)
 	var last reaper.Stats

@@ -90,6 +90,27 @@ func External(url string) *Cluster { return &Cluster{url: url} }
 // Start initialises and starts a throwaway cluster in a temporary directory.
 // When running as root, initdb and postgres run as the "postgres" user.
 func Start(opts Options) (*Cluster, error) {
+	c, err := newOwned()
+	if err != nil {
+		return nil, err
+	}
+	initdb := c.command(filepath.Join(c.binDir, "initdb"), "-D", c.dataDir(), "-U", "postgres", "-A", "trust",
+		"-E", "UTF8", "--locale=C", "--no-sync", "--no-instructions")
+	if out, err := initdb.CombinedOutput(); err != nil {
+		_ = os.RemoveAll(c.dir)
+		return nil, fmt.Errorf("pgtest: initdb: %w\n%s", err, out)
+	}
+	c.configure(opts)
+	if err := c.startOnFreePort(); err != nil {
+		_ = os.RemoveAll(c.dir)
+		return nil, err
+	}
+	return c, nil
+}
+
+// newOwned makes the directories of an owned cluster (its data directory not
+// yet initialised) and finds the binaries and the user to run them as.
+func newOwned() (*Cluster, error) {
 	binDir, err := findBinDir()
 	if err != nil {
 		return nil, err
@@ -108,7 +129,6 @@ func Start(opts Options) (*Cluster, error) {
 		return nil, fmt.Errorf("pgtest: %w", err)
 	}
 	c.sockDir = filepath.Join(c.dir, "sock")
-	data := filepath.Join(c.dir, "data")
 	if err := os.Mkdir(c.sockDir, 0o700); err != nil {
 		_ = os.RemoveAll(c.dir)
 		return nil, fmt.Errorf("pgtest: %w", err)
@@ -121,12 +141,14 @@ func Start(opts Options) (*Cluster, error) {
 			}
 		}
 	}
-	initdb := c.command(filepath.Join(binDir, "initdb"), "-D", data, "-U", "postgres", "-A", "trust",
-		"-E", "UTF8", "--locale=C", "--no-sync", "--no-instructions")
-	if out, err := initdb.CombinedOutput(); err != nil {
-		_ = os.RemoveAll(c.dir)
-		return nil, fmt.Errorf("pgtest: initdb: %w\n%s", err, out)
-	}
+	return c, nil
+}
+
+func (c *Cluster) dataDir() string { return filepath.Join(c.dir, "data") }
+
+// configure sets the server's command line from the default settings and
+// opts.
+func (c *Cluster) configure(opts Options) {
 	settings := map[string]string{
 		"listen_addresses":          "127.0.0.1",
 		"unix_socket_directories":   c.sockDir,
@@ -152,24 +174,25 @@ func Start(opts Options) (*Cluster, error) {
 		keys = append(keys, k)
 	}
 	sort.Strings(keys)
-	c.args = []string{"-D", data}
+	c.args = []string{"-D", c.dataDir()}
 	for _, k := range keys {
 		c.args = append(c.args, "-c", k+"="+settings[k])
 	}
+}
+
+// startOnFreePort starts the server on a free port, trying a few in case
+// another process takes one first.
+func (c *Cluster) startOnFreePort() error {
 	for attempt := 0; ; attempt++ {
-		c.port, err = freePort()
+		port, err := freePort()
 		if err != nil {
-			_ = os.RemoveAll(c.dir)
-			return nil, fmt.Errorf("pgtest: %w", err)
+			return fmt.Errorf("pgtest: %w", err)
 		}
+		c.port = port
 		c.url = fmt.Sprintf("postgres://postgres@127.0.0.1:%d/postgres?sslmode=disable", c.port)
 		err = c.start()
-		if err == nil {
-			return c, nil
-		}
-		if attempt == 3 {
-			_ = os.RemoveAll(c.dir)
-			return nil, err
+		if err == nil || attempt == 3 {
+			return err
 		}
 	}
 }
@@ -193,30 +216,8 @@ func (c *Cluster) start() error {
 	if err != nil {
 		return err
 	}
-	cmd.Stdout, cmd.Stderr = logf, logf
-	if cmd.SysProcAttr == nil {
-		cmd.SysProcAttr = &syscall.SysProcAttr{}
-	}
-	// If this test process dies, take the server down with it (immediate
-	// shutdown). Pdeathsig follows the OS thread that started the child, so
-	// that thread is kept for exactly the child's lifetime.
-	cmd.SysProcAttr.Pdeathsig = syscall.SIGQUIT
-	started := make(chan error, 1)
-	exited := make(chan struct{})
-	go func() {
-		runtime.LockOSThread() // never unlocked: the thread ends with this goroutine
-		if err := cmd.Start(); err != nil {
-			started <- err
-			close(exited)
-			return
-		}
-		started <- nil
-		_ = cmd.Wait()
-		_ = logf.Close()
-		close(exited)
-	}()
-	if err := <-started; err != nil {
-		_ = logf.Close()
+	exited, err := spawn(cmd, logf, syscall.SIGQUIT)
+	if err != nil {
 		return fmt.Errorf("pgtest: start postgres: %w", err)
 	}
 	c.mu.Lock()
@@ -243,6 +244,38 @@ func (c *Cluster) start() error {
 		}
 		time.Sleep(20 * time.Millisecond) // readiness poll of an external process
 	}
+}
+
+// spawn starts cmd with its output to logf (closed when the process ends)
+// and returns a channel closed when it has exited. If this test process dies,
+// the child gets deathSig (for postgres, SIGQUIT: an immediate shutdown).
+func spawn(cmd *exec.Cmd, logf *os.File, deathSig syscall.Signal) (exited chan struct{}, err error) {
+	cmd.Stdout, cmd.Stderr = logf, logf
+	if cmd.SysProcAttr == nil {
+		cmd.SysProcAttr = &syscall.SysProcAttr{}
+	}
+	// Pdeathsig follows the OS thread that started the child, so that
+	// thread is kept for exactly the child's lifetime.
+	cmd.SysProcAttr.Pdeathsig = deathSig
+	started := make(chan error, 1)
+	exited = make(chan struct{})
+	go func() {
+		runtime.LockOSThread() // never unlocked: the thread ends with this goroutine
+		if err := cmd.Start(); err != nil {
+			started <- err
+			close(exited)
+			return
+		}
+		started <- nil
+		_ = cmd.Wait()
+		_ = logf.Close()
+		close(exited)
+	}()
+	if err := <-started; err != nil {
+		_ = logf.Close()
+		return nil, err
+	}
+	return exited, nil
 }
 
 // kill signals the postmaster and waits for it to exit.
@@ -296,18 +329,23 @@ func (c *Cluster) signalAll(sig syscall.Signal) error {
 	if !c.owned || p == nil {
 		return errors.New("pgtest: not a running owned cluster")
 	}
-	pids := []int{p.Pid}
-	if kids, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", p.Pid, p.Pid)); err == nil {
-		for _, f := range strings.Fields(string(kids)) {
-			if pid, err := strconv.Atoi(f); err == nil {
-				pids = append(pids, pid)
-			}
-		}
-	}
-	for _, pid := range pids {
+	for _, pid := range withChildren(p.Pid) {
 		_ = syscall.Kill(pid, sig)
 	}
 	return nil
+}
+
+// withChildren returns pid and the pids of its children.
+func withChildren(pid int) []int {
+	pids := []int{pid}
+	if kids, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", pid, pid)); err == nil {
+		for _, f := range strings.Fields(string(kids)) {
+			if k, err := strconv.Atoi(f); err == nil {
+				pids = append(pids, k)
+			}
+		}
+	}
+	return pids
 }
 
 // Stop shuts the server down (fast) and removes its files. Owned clusters only;

@@ -218,6 +218,9 @@ func (r *run) start(viaProxy bool) *holderProc {
 		port = r.px.Port()
 	}
 	url := fmt.Sprintf("postgres://postgres@127.0.0.1:%d/postgres?sslmode=disable", port)
+	if !r.c.Owned() {
+		url = r.c.URL() // a replicated cluster's multi-host URL (failover_test.go)
+	}
 	cmd := exec.Command(r.bin,
 		"-url", url, "-schema", r.schema, "-proc", name,
 		"-keys", strconv.Itoa(r.p.keys), "-ttl", r.p.ttl.String(), "-poll", r.p.poll.String(),

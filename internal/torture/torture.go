@@ -6,7 +6,8 @@
 // PostgreSQL cluster while it injects faults (SIGKILL, SIGSTOP, terminated
 // backends, server restarts and pauses, network faults through a proxy,
 // reapers; kills, terminations and restarts again with table and advisory
-// locks mixed), and checks every run against two oracles:
+// locks mixed; failovers of a replicated cluster, by the harness and by
+// Patroni, in failover_test.go), and checks every run against two oracles:
 //
 //   - A, the fenced counter: every critical section reads a counter, waits,
 //     and writes counter+1 in a transaction that calls fence, logging the
