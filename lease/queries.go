@@ -17,6 +17,7 @@ type queries struct {
 	dropHolder string
 	dropOrphan string
 	fence      string
+	leader     string // who holds a key, for elections
 	// markListening registers a LISTEN connection as a listener, so that
 	// advisory releases announce themselves to it.
 	markListening string
@@ -35,6 +36,9 @@ func newQueries(schema string) queries {
 		dropHolder: `SELECT ` + s + `.close_holder($1, $2)`,
 		dropOrphan: `SELECT ` + s + `.drop_orphan($1, $2, $3, $4)`,
 		fence:      `SELECT ` + s + `.fence($1, $2, $3)`,
+		leader: `SELECT holder_id, host, pid, application, acquired_at, token,
+			(extract(epoch FROM time_left) * 1000000)::bigint
+			FROM ` + s + `.held WHERE name = $1 AND entity_id = $2 AND alive`,
 
 		markListening: `SELECT ` + s + `.mark_listening()`,
 	}
