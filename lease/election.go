@@ -90,10 +90,10 @@ func (e *Election) Leader(ctx context.Context) (Leader, error) {
 // token), with the zero Leader while nobody leads. It wakes on the key's
 // release notifications, when the leader's lease would run out, and every
 // PollInterval in case a notification was missed. A new leader commits no
-// notification, so after a wake-up that finds nobody leading it looks again
-// shortly (after 5 ms, doubling up to PollInterval) to catch the successor,
-// who usually follows within milliseconds; a takeover of a dead leader is
-// seen at the latest at that leader's expiry. Failed reads are retried at
+// notification, so while nobody leads it looks again soon (after 5 ms,
+// doubling up to PollInterval) to catch the successor, who usually follows
+// within milliseconds of a release or of the old leader's expiry. Failed
+// reads are retried at
 // the next wake-up. The channel is closed when ctx ends or the client
 // closes. Only the latest state matters: a receiver that falls behind gets
 // the newest leader, not every one in between.
@@ -116,7 +116,7 @@ func (e *Election) Observe(ctx context.Context) <-chan Leader {
 		var last Leader
 		first := true
 		const soonFirst = 5 * time.Millisecond
-		soon := time.Duration(0) // the follow-up delay while nobody leads after a wake-up
+		soon := soonFirst // the next delay while nobody leads: short after a leader, then backing off
 		for {
 			wake := sub.C() // before the read: a release after it still wakes us
 			next := c.cfg.PollInterval
@@ -132,13 +132,13 @@ func (e *Election) Observe(ctx context.Context) <-chan Leader {
 					out <- l
 				}
 				if err == nil {
-					soon = 0
+					soon = soonFirst
 					if l.ExpiresIn+time.Millisecond < next {
 						next = l.ExpiresIn + time.Millisecond
 					}
-				} else if soon > 0 {
+				} else {
 					next = min(soon, next)
-					soon *= 2
+					soon = min(2*soon, c.cfg.PollInterval)
 				}
 			case ctx.Err() != nil:
 				return
@@ -146,7 +146,6 @@ func (e *Election) Observe(ctx context.Context) <-chan Leader {
 			t := time.NewTimer(next)
 			select {
 			case <-wake:
-				soon = soonFirst
 			case <-t.C:
 			case <-ctx.Done():
 				t.Stop()

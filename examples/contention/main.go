@@ -33,10 +33,9 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 
+	"github.com/pglease/pglease/internal/exampledb"
 	"github.com/pglease/pglease/internal/ident"
-	"github.com/pglease/pglease/internal/pgtest"
 	"github.com/pglease/pglease/lease"
-	"github.com/pglease/pglease/migrations"
 )
 
 const workers = 4
@@ -109,7 +108,7 @@ var (
 	// errFailed is returned after a FAILED verdict was printed.
 	errFailed = errors.New("verdict: FAILED")
 	// errCleanup is wrapped by the error of a failed clean-up.
-	errCleanup = errors.New("clean-up failed")
+	errCleanup = exampledb.ErrCleanup
 )
 
 func run(ctx context.Context, s settings) (err error) {
@@ -117,54 +116,12 @@ func run(ctx context.Context, s settings) (err error) {
 	// Bounds the whole demo; cleaning up gets a context of its own.
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute+s.work+3*s.ttl)
 	defer cancel()
-	url := os.Getenv("DATABASE_URL")
-	throwaway := url == ""
-	if throwaway {
-		fmt.Println("DATABASE_URL is not set: starting a throwaway PostgreSQL")
-		cl, err := pgtest.Start(pgtest.Options{})
-		if errors.Is(err, pgtest.ErrNoServerBinaries) {
-			return fmt.Errorf("%w; install them, or set DATABASE_URL to a PostgreSQL server to run on (the demo creates schema %q there and drops it at the end)",
-				err, s.schema)
-		}
-		if err != nil {
-			return err
-		}
-		defer cl.Stop()
-		url = cl.URL()
-	}
-	pool, err := pgxpool.New(ctx, url)
+	db, err := exampledb.Open(ctx, s.schema, s.keep)
 	if err != nil {
-		return fmt.Errorf("connect: %w", err)
-	}
-	defer pool.Close()
-
-	if !throwaway {
-		cfg := pool.Config().ConnConfig
-		fmt.Printf("DATABASE_URL is set (user %s, host %s, database %s): dropping schema %q if it exists and creating it afresh; ",
-			cfg.User, cfg.Host, cfg.Database, s.schema)
-		if s.keep {
-			fmt.Println("it is left in place at the end (-keep)")
-		} else {
-			fmt.Println("it is dropped again at the end (-keep leaves it)")
-		}
-	}
-	if _, err := pool.Exec(ctx, "DROP SCHEMA IF EXISTS "+q.schema+" CASCADE"); err != nil {
 		return err
 	}
-	if !throwaway && !s.keep {
-		defer func() {
-			cctx, ccancel := context.WithTimeout(context.Background(), 30*time.Second)
-			defer ccancel()
-			if _, derr := pool.Exec(cctx, "DROP SCHEMA IF EXISTS "+q.schema+" CASCADE"); derr != nil {
-				err = errors.Join(err, fmt.Errorf("%w: drop schema %q at the end: %w", errCleanup, s.schema, derr))
-				return
-			}
-			fmt.Printf("dropped schema %q\n", s.schema)
-		}()
-	}
-	if _, err := migrations.Up(ctx, pool, s.schema); err != nil {
-		return err
-	}
+	defer func() { err = errors.Join(err, db.Close()) }()
+	pool, url := db.Pool, db.URL
 	for _, stmt := range []string{
 		"CREATE TABLE " + q.orders + " (id text PRIMARY KEY, n bigint NOT NULL DEFAULT 0, last_token bigint NOT NULL DEFAULT 0)",
 		// One row per completed section: the token it wrote with and the
