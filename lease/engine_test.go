@@ -42,6 +42,10 @@ func TestCancelledAcquireThatCommitsLateIsDeleted(t *testing.T) {
 
 	// The insert of k waits for the test's advisory lock (7, 7), and keeps
 	// waiting through a cancel request, like a cancel that never arrived.
+	// It logs itself in slow_log, in its own transaction: the log row stays
+	// when the client deletes the lock row, which it may do before a poll of
+	// a loaded machine sees the row.
+	e.exec(`CREATE TABLE ` + e.table("slow_log") + ` (token bigint NOT NULL)`)
 	e.exec(`CREATE FUNCTION ` + e.table("slow_insert") + `() RETURNS trigger LANGUAGE plpgsql AS $$
 		BEGIN
 			IF NEW.name = 'slow' THEN
@@ -50,6 +54,7 @@ func TestCancelledAcquireThatCommitsLateIsDeleted(t *testing.T) {
 				EXCEPTION WHEN query_canceled THEN
 					PERFORM pg_advisory_xact_lock(7, 7);
 				END;
+				INSERT INTO ` + e.table("slow_log") + ` VALUES (NEW.token);
 			END IF;
 			RETURN NEW;
 		END $$`)
@@ -83,7 +88,9 @@ func TestCancelledAcquireThatCommitsLateIsDeleted(t *testing.T) {
 	if err := gate.Commit(e.ctx); err != nil { // the insert goes on and commits
 		t.Fatal(err)
 	}
-	eventually(t, 10*time.Second, "the late insert to commit", func() bool { return e.rowsOf(k, holder) > 0 })
+	eventually(t, 10*time.Second, "the late insert to commit", func() bool {
+		return e.count("SELECT count(*) FROM "+e.table("slow_log")) > 0
+	})
 	eventually(t, 10*time.Second, "the client to delete the row it does not hold", func() bool { return e.rowsOf(k, holder) == 0 })
 
 	other, _, _ := e.client(lease.Config{})
