@@ -41,19 +41,26 @@ func TestCancelledAcquireThatCommitsLateIsDeleted(t *testing.T) {
 	k := lease.Key{Name: "slow", ID: "1"}
 
 	// The insert of k waits for the test's advisory lock (7, 7), and keeps
-	// waiting through a cancel request, like a cancel that never arrived.
-	// It logs itself in slow_log, in its own transaction: the log row stays
-	// when the client deletes the lock row, which it may do before a poll of
-	// a loaded machine sees the row.
+	// waiting through the cancel requests that pgx sends when it gives up on
+	// the connection (one or two, seen here), like cancels that never
+	// arrived. They come asynchronously, on connections of their own: the
+	// handler takes the session lock (7, 8) to say one has come and gone, and
+	// the test opens the gate only then (a cancel that landed after the gate
+	// would abort the insert instead). The insert logs itself in slow_log, in its own
+	// transaction: the log row stays when the client deletes the lock row,
+	// which it may do before a poll of a loaded machine sees the row.
 	e.exec(`CREATE TABLE ` + e.table("slow_log") + ` (token bigint NOT NULL)`)
 	e.exec(`CREATE FUNCTION ` + e.table("slow_insert") + `() RETURNS trigger LANGUAGE plpgsql AS $$
 		BEGIN
 			IF NEW.name = 'slow' THEN
-				BEGIN
-					PERFORM pg_advisory_xact_lock(7, 7);
-				EXCEPTION WHEN query_canceled THEN
-					PERFORM pg_advisory_xact_lock(7, 7);
-				END;
+				LOOP
+					BEGIN
+						PERFORM pg_advisory_xact_lock(7, 7);
+						EXIT;
+					EXCEPTION WHEN query_canceled THEN
+						PERFORM pg_advisory_lock(7, 8);
+					END;
+				END LOOP;
 				INSERT INTO ` + e.table("slow_log") + ` VALUES (NEW.token);
 			END IF;
 			RETURN NEW;
@@ -85,6 +92,9 @@ func TestCancelledAcquireThatCommitsLateIsDeleted(t *testing.T) {
 	// The clean-up queued on the key before Acquire returned; it leaves the
 	// queue once its DELETE (which finds nothing yet) is done.
 	eventually(t, 10*time.Second, "the clean-up of the cancelled acquire", func() bool { return lease.QueueLen(c, k) == 0 })
+	eventually(t, 30*time.Second, "the cancel request to reach the insert", func() bool {
+		return e.count("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = 7 AND objid = 8 AND granted") == 1
+	})
 	if err := gate.Commit(e.ctx); err != nil { // the insert goes on and commits
 		t.Fatal(err)
 	}
