@@ -6,13 +6,10 @@ import (
 	"fmt"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
-)
 
-// versionTable is migrations.VersionTable, goose's table in the schema. Not
-// imported, so that package lease does not depend on goose.
-const versionTable = "pglease_migrations"
+	"github.com/pglease/pglease/internal/schemaver"
+)
 
 // SchemaVersion is the schema version this client is written for: the number
 // of the last migration in package migrations that it relies on.
@@ -80,45 +77,20 @@ func (e *SchemaError) Unwrap() error { return e.Err }
 // when the schema is at version 3 or later; one more to name the version of
 // an older schema.
 func checkSchema(ctx context.Context, pool *pgxpool.Pool, schema string) error {
-	quoted := pgx.Identifier{schema}.Sanitize()
-	var have, from int
-	err := pool.QueryRow(ctx, "SELECT version, compatible_from FROM "+quoted+".schema_info()").Scan(&have, &from)
-	var pgErr *pgconn.PgError
-	switch {
-	case err == nil:
-	case errors.As(err, &pgErr) && pgErr.Code == "3F000": // invalid_schema_name
-		return &SchemaError{Schema: schema, Need: SchemaVersion, Err: ErrSchemaNotMigrated}
-	case errors.As(err, &pgErr) && (pgErr.Code == "42883" || pgErr.Code == "42P01"): // undefined function, table
-		// Before version 3: no schema_info. Name the version if goose's table says.
-		have, err = migratedVersion(ctx, pool, schema)
-		if err != nil {
-			return fmt.Errorf("lease: check schema %s: %w", quoted, err)
-		}
-		return &SchemaError{Schema: schema, Exists: true, Have: have, Need: SchemaVersion, Err: ErrSchemaNotMigrated}
-	default:
-		return fmt.Errorf("lease: check schema %s: %w", quoted, err)
+	in, err := schemaver.Read(ctx, func(ctx context.Context, sql string, dest ...any) error {
+		return pool.QueryRow(ctx, sql).Scan(dest...)
+	}, schema)
+	if err != nil {
+		return fmt.Errorf("lease: check schema %s: %w", pgx.Identifier{schema}.Sanitize(), err)
 	}
-	e := &SchemaError{Schema: schema, Exists: true, Have: have, CompatibleFrom: from, Need: SchemaVersion}
-	switch {
-	case have < SchemaVersion:
+	e := &SchemaError{Schema: schema, Exists: in.Exists, Have: in.Have, CompatibleFrom: in.CompatibleFrom, Need: SchemaVersion}
+	switch in.Check(SchemaVersion) {
+	case schemaver.NotMigrated:
 		e.Err = ErrSchemaNotMigrated
-	case from > SchemaVersion:
+	case schemaver.Incompatible:
 		e.Err = ErrSchemaIncompatible
 	default:
 		return nil
 	}
 	return e
-}
-
-// migratedVersion returns the last version that goose's table in schema
-// records, 0 when the table is missing or empty.
-func migratedVersion(ctx context.Context, pool *pgxpool.Pool, schema string) (int, error) {
-	var v int
-	err := pool.QueryRow(ctx, "SELECT coalesce(max(version_id), 0) FROM "+
-		pgx.Identifier{schema, versionTable}.Sanitize()).Scan(&v)
-	var pgErr *pgconn.PgError
-	if errors.As(err, &pgErr) && pgErr.Code == "42P01" {
-		return 0, nil
-	}
-	return v, err
 }

@@ -11,12 +11,13 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/pglease/pglease/internal/pgtest"
+	"github.com/pglease/pglease/internal/schemaver"
 	"github.com/pglease/pglease/migrations"
 )
 
 func TestSchemaVersionTable(t *testing.T) {
-	if versionTable != migrations.VersionTable {
-		t.Fatalf("versionTable = %q, migrations.VersionTable = %q", versionTable, migrations.VersionTable)
+	if schemaver.VersionTable != migrations.VersionTable {
+		t.Fatalf("schemaver.VersionTable = %q, migrations.VersionTable = %q", schemaver.VersionTable, migrations.VersionTable)
 	}
 }
 

@@ -131,8 +131,6 @@ type Reaper struct {
 
 	// SQL, built once with the quoted schema name.
 	setLocal    string
-	schemaInfo  string
-	lastVersion string
 	reapHolders string
 	reapLocks   string
 	dryRun      string
@@ -213,8 +211,6 @@ func (r *Reaper) buildSQL() {
 	// The reaping itself is the schema's own SQL (migration 00004), which a
 	// DBA or pg_cron can call too; see its comments for why it is safe. The
 	// functions commit asynchronously by themselves.
-	r.schemaInfo = `SELECT version, compatible_from FROM ` + fn("schema_info") + `()`
-	r.lastVersion = `SELECT coalesce(max(version_id), 0) FROM ` + fn(versionTable)
 	r.reapHolders = `SELECT ` + fn("reap_holders") + `($1)`
 	r.reapLocks = `SELECT deleted, skipped, next_from FROM ` + fn("reap_locks") + `($1, $2)`
 	r.dryRun = `SELECT holders, locks FROM ` + fn("reap_dry_run") + `()`

@@ -6,7 +6,8 @@ import (
 	"fmt"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/pglease/pglease/internal/schemaver"
 )
 
 // SchemaVersion is the schema version the reaper needs: version 4 added the
@@ -15,10 +16,6 @@ import (
 // A schema is accepted when its schema_info() says
 // compatible_from <= SchemaVersion <= version, as lease.SchemaVersion is.
 const SchemaVersion = 4
-
-// versionTable is migrations.VersionTable, goose's table in the schema. Not
-// imported, so that package reaper does not depend on goose.
-const versionTable = "pglease_migrations"
 
 // ErrSchemaIncompatible: the schema is newer than this reaper can use (its
 // compatible_from is above SchemaVersion). Upgrade the reaper.
@@ -72,51 +69,22 @@ func (e *SchemaError) Unwrap() error { return e.Err }
 // rolled back under a daemon is reported as such: nil, a *PassError around a
 // *SchemaError, or the *PassError of the query that failed.
 func (r *Reaper) checkSchema(ctx context.Context) error {
-	var have, from int
-	err := r.batch(ctx, stepCheck, false, func(ctx context.Context, tx pgx.Tx) error {
-		return tx.QueryRow(ctx, r.schemaInfo).Scan(&have, &from)
-	})
-	var pgErr *pgconn.PgError
-	switch {
-	case err == nil:
-	case errors.As(err, &pgErr) && pgErr.Code == "3F000": // invalid_schema_name
-		return r.schemaError(&SchemaError{Schema: r.cfg.Schema, Need: SchemaVersion, Err: ErrNotMigrated})
-	case errors.As(err, &pgErr) && (pgErr.Code == "42883" || pgErr.Code == "42P01"): // undefined function, table
-		// Before version 3: no schema_info. Name the version if goose's table says.
-		have, err = r.migratedVersion(ctx)
-		if err != nil {
-			return err
-		}
-		return r.schemaError(&SchemaError{Schema: r.cfg.Schema, Exists: true, Have: have, Need: SchemaVersion, Err: ErrNotMigrated})
-	default:
+	in, err := schemaver.Read(ctx, func(ctx context.Context, sql string, dest ...any) error {
+		return r.batch(ctx, stepCheck, false, func(ctx context.Context, tx pgx.Tx) error {
+			return tx.QueryRow(ctx, sql).Scan(dest...)
+		})
+	}, r.cfg.Schema)
+	if err != nil {
 		return err
 	}
-	e := &SchemaError{Schema: r.cfg.Schema, Exists: true, Have: have, CompatibleFrom: from, Need: SchemaVersion}
-	switch {
-	case have < SchemaVersion:
+	e := &SchemaError{Schema: r.cfg.Schema, Exists: in.Exists, Have: in.Have, CompatibleFrom: in.CompatibleFrom, Need: SchemaVersion}
+	switch in.Check(SchemaVersion) {
+	case schemaver.NotMigrated:
 		e.Err = ErrNotMigrated
-	case from > SchemaVersion:
+	case schemaver.Incompatible:
 		e.Err = ErrSchemaIncompatible
 	default:
 		return nil
 	}
-	return r.schemaError(e)
-}
-
-func (r *Reaper) schemaError(e *SchemaError) error {
 	return &PassError{Step: stepCheck, Kind: e.Err, Err: e}
-}
-
-// migratedVersion returns the last version that goose's table in the schema
-// records, 0 when the table is missing or empty.
-func (r *Reaper) migratedVersion(ctx context.Context) (int, error) {
-	var v int
-	err := r.batch(ctx, stepCheck, false, func(ctx context.Context, tx pgx.Tx) error {
-		return tx.QueryRow(ctx, r.lastVersion).Scan(&v)
-	})
-	var pgErr *pgconn.PgError
-	if errors.As(err, &pgErr) && pgErr.Code == "42P01" {
-		return 0, nil
-	}
-	return v, err
 }
