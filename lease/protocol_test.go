@@ -203,10 +203,7 @@ func (w *sqlProtocolWorker) acquire(ctx context.Context, k lease.Key) (int64, er
 func TestSQLProtocolRawContention(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
-	app := pgtest.NewRole(t, e.db.Cluster, "pglease_app")
-	e.grant("application", app)
-	e.exec("CREATE TABLE " + e.table("counters") + " (k text PRIMARY KEY, n bigint NOT NULL, last_token bigint NOT NULL)")
-	e.exec("GRANT SELECT, UPDATE ON " + e.table("counters") + " TO " + pgx.Identifier{app.Name}.Sanitize())
+	app := e.appRoleWithCounters()
 	keys := []lease.Key{{Name: "acct", ID: "1"}, {Name: "acct", ID: "2"}}
 	inside := map[string]*atomic.Int32{}
 	for _, k := range keys {

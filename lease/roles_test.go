@@ -25,6 +25,18 @@ func (e *env) grant(set string, role *pgtest.Role) {
 	e.exec("SELECT "+e.table("grant_"+set)+"(quote_ident($1)::regrole)", role.Name)
 }
 
+// appRoleWithCounters is a role with the application grant set, and a
+// table counters (k, n, last_token) in e's schema that it may read and
+// update: the user's own data that its critical sections write.
+func (e *env) appRoleWithCounters() *pgtest.Role {
+	e.t.Helper()
+	app := pgtest.NewRole(e.t, e.db.Cluster, "pglease_app")
+	e.grant("application", app)
+	e.exec("CREATE TABLE " + e.table("counters") + " (k text PRIMARY KEY, n bigint NOT NULL, last_token bigint NOT NULL)")
+	e.exec("GRANT SELECT, UPDATE ON " + e.table("counters") + " TO " + pgx.Identifier{app.Name}.Sanitize())
+	return app
+}
+
 // rolePool is a plain pool logged in as role, for SQL the role sends itself.
 func (e *env) rolePool(role *pgtest.Role, modify ...func(*pgxpool.Config)) *pgxpool.Pool {
 	e.t.Helper()
@@ -155,10 +167,7 @@ func TestApplicationRoleCanUseEverything(t *testing.T) {
 func TestApplicationRoleMutualExclusion(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
-	app := pgtest.NewRole(t, e.db.Cluster, "pglease_app")
-	e.grant("application", app)
-	e.exec("CREATE TABLE " + e.table("counters") + " (k text PRIMARY KEY, n bigint NOT NULL, last_token bigint NOT NULL)")
-	e.exec("GRANT SELECT, UPDATE ON " + e.table("counters") + " TO " + pgx.Identifier{app.Name}.Sanitize())
+	app := e.appRoleWithCounters()
 	mutualExclusion(t, e, func(cfg lease.Config) (*lease.Client, *pgxpool.Pool, string) {
 		return e.clientAs(app, cfg)
 	})

@@ -10,7 +10,6 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/pglease/pglease/internal/pgtest"
-	"github.com/pglease/pglease/migrations"
 	"github.com/pglease/pglease/reaper"
 )
 
@@ -29,13 +28,7 @@ func TestPassNeedsSchemaVersion(t *testing.T) {
 
 	v3 := pgtest.NewSchemaName()
 	pgtest.Migrate(t, c, v3)
-	for v := int64(99); v != 4; { // down to version 3, whatever the latest is
-		res, err := migrations.Down(ctx, pool, v3)
-		if err != nil || res == nil || res.Version < 4 {
-			t.Fatalf("Down = %+v, %v; want versions down to 4 rolled back", res, err)
-		}
-		v = res.Version
-	}
+	pgtest.DownTo(t, pool, v3, 3)
 	db := &pgtest.DB{Cluster: c, Schema: v3, Pool: pool}
 	db.AddLocks(ctx, t, db.AddHolders(ctx, t, 2, false), 3)
 

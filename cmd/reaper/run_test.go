@@ -200,13 +200,7 @@ func TestOnceFailures(t *testing.T) {
 	}
 	// A schema from before the reaping functions (version 3).
 	f := newFixture(t)
-	for v := int64(99); v != 4; { // down to version 3, whatever the latest is
-		res, err := migrations.Down(t.Context(), f.Pool, f.Schema)
-		if err != nil || res == nil || res.Version < 4 {
-			t.Fatalf("Down = %+v, %v; want versions down to 4 rolled back", res, err)
-		}
-		v = res.Version
-	}
+	pgtest.DownTo(t, f.Pool, f.Schema, 3)
 	res = runIn(t, t.Context(), []string{"DATABASE_URL=" + url}, "--once", "--schema", f.Schema)
 	if res.code != exitFailed || !strings.Contains(res.stderr, `schema not migrated: schema \"`+f.Schema+`\" is at version 3; the reaper needs version 4`) ||
 		!strings.Contains(res.stderr, "migrate up") {

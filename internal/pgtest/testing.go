@@ -220,3 +220,30 @@ func NewDBOn(tb testing.TB, c *Cluster) *DB {
 	Migrate(tb, c, schema)
 	return &DB{Cluster: c, Schema: schema, Pool: NewPool(tb, c, "pglease-test")}
 }
+
+// DownTo rolls schema back, one migration at a time, until version is the
+// latest applied, whatever the newest migration is: for tests of what a
+// client does with a schema an older release left.
+func DownTo(tb testing.TB, pool *pgxpool.Pool, schema string, version int64) {
+	tb.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	for {
+		st, err := migrations.Status(ctx, pool, schema)
+		if err != nil {
+			tb.Fatalf("pgtest: status of %s: %v", schema, err)
+		}
+		latest := int64(0)
+		for _, s := range st {
+			if s.State == migrations.StateApplied && s.Version > latest {
+				latest = s.Version
+			}
+		}
+		if latest <= version {
+			return
+		}
+		if res, err := migrations.Down(ctx, pool, schema); err != nil || res == nil || res.Version != latest {
+			tb.Fatalf("pgtest: Down of %s = %+v, %v; want version %d rolled back", schema, res, err, latest)
+		}
+	}
+}
