@@ -627,10 +627,13 @@ func TestStopTimesOut(t *testing.T) {
 
 func TestPassErrors(t *testing.T) {
 	t.Parallel()
-	ctx := ctxFor(t, time.Minute)
+	// Each subtest takes its own context: parallel subtests wait for a free
+	// slot after this function returns, and on a two-core machine that wait
+	// can outlast a deadline started here.
 
 	t.Run("not migrated", func(t *testing.T) {
 		t.Parallel()
+		ctx := ctxFor(t, time.Minute)
 		pool := pgtest.NewPool(t, pgtest.Shared(t), "reaper-test")
 		r, err := reaper.New(pool, &reaper.Config{Schema: pgtest.NewSchemaName()})
 		if err != nil {
@@ -648,6 +651,7 @@ func TestPassErrors(t *testing.T) {
 
 	t.Run("unreachable", func(t *testing.T) {
 		t.Parallel()
+		ctx := ctxFor(t, time.Minute)
 		cfg, err := pgxpool.ParseConfig("postgres://nobody:secret@127.0.0.1:1/x?connect_timeout=5")
 		if err != nil {
 			t.Fatal(err)
@@ -672,6 +676,7 @@ func TestPassErrors(t *testing.T) {
 
 	t.Run("lock timeout", func(t *testing.T) {
 		t.Parallel()
+		ctx := ctxFor(t, time.Minute)
 		f := newFx(t)
 		tx, err := f.Pool.Begin(ctx)
 		if err != nil {
