@@ -127,15 +127,20 @@ type Advisory struct {
 
 // advisoryLock is an advisory Lock's heldMode.
 type advisoryLock struct {
-	a *Advisory
-	s *pinnedConn
-	k int64 // the advisory key value
+	a      *Advisory
+	s      *pinnedConn
+	k      int64 // the advisory key value
+	shared bool  // pg_advisory_lock_shared
 }
 
 type advQueries struct {
 	acquire      string
 	release      string
 	unlockIfHeld string
+	// The shared lock's (schema version 6).
+	acquireShared      string
+	releaseShared      string
+	unlockSharedIfHeld string
 	probe        string
 	ping         string
 	held         string
@@ -147,6 +152,10 @@ func newAdvQueries(schema string) advQueries {
 		acquire:      `SELECT ` + s + `.advisory_acquire($1, $2, $3, $4)`,
 		release:      `SELECT ` + s + `.advisory_release($1, $2, $3, $4)`,
 		unlockIfHeld: `SELECT ` + s + `.advisory_unlock_if_held($1)`,
+
+		acquireShared:      `SELECT ` + s + `.advisory_acquire_shared($1, $2, $3, $4)`,
+		releaseShared:      `SELECT ` + s + `.advisory_release_shared($1, $2, $3, $4)`,
+		unlockSharedIfHeld: `SELECT ` + s + `.advisory_unlock_shared_if_held($1)`,
 		probe:        `SELECT pg_backend_pid(), current_setting('server_version_num')::int, ` + s + `.key_hash($1, $2)`,
 		ping:         `SELECT pg_backend_pid()`,
 		held: `SELECT holder_id, host, pid, application, acquired_at,
@@ -225,7 +234,8 @@ func (a *Advisory) explain(ctx context.Context, e *LockedError) error {
 // attempt asks the database once, on a pinned connection. Blocking attempts
 // wait in the server on a connection that holds no lock; when there is none
 // to be had, they make a non-blocking attempt instead.
-func (a *Advisory) attempt(ctx context.Context, key Key, ks *keyState, wait bool) (*Lock, *LockedError, error) {
+func (a *Advisory) attempt(ctx context.Context, key Key, ks *keyState, req request, wait bool) (*Lock, *LockedError, error) {
+	shared := req.kind == Shared
 	c, p := a.c, a.pins
 	k := a.hash(key)
 	s, blocking, err := p.claim(ctx, k, wait)
@@ -236,7 +246,7 @@ func (a *Advisory) attempt(ctx context.Context, key Key, ks *keyState, wait bool
 		return nil, &LockedError{Key: key, busy: true}, nil
 	}
 
-	tok, err := p.run(ctx, s, key, k, blocking)
+	tok, err := p.run(ctx, s, key, k, blocking, shared)
 
 	c.mu.Lock()
 	p.mu.Lock()
@@ -244,7 +254,7 @@ func (a *Advisory) attempt(ctx context.Context, key Key, ks *keyState, wait bool
 	p.unclaimLocked(s, k, blocking, ok)
 	var l *Lock
 	if ok {
-		l = newLock(c, &advisoryLock{a: a, s: s, k: k}, key, tok, time.Now())
+		l = newLock(c, &advisoryLock{a: a, s: s, k: k, shared: shared}, key, req, tok, 0, time.Now())
 		s.locks[l] = struct{}{}
 		c.holdLocked(ks, l)
 	}
@@ -287,15 +297,19 @@ func (a *Advisory) dropOwnRow(ctx context.Context, key Key) bool {
 	c.mu.Lock()
 	h := c.h
 	live := h != nil && !h.lost
+	var keep []int64
+	if ks := c.keys[key.mapKey()]; live && ks != nil {
+		keep = ks.tableTokensLocked(h)
+	}
 	c.mu.Unlock()
 	if !live {
 		return false
 	}
 	dctx, cancel := context.WithTimeout(ctx, c.cfg.ReleaseTimeout)
 	defer cancel()
-	var dropped bool
-	err := c.pool.QueryRow(dctx, c.q.dropOrphan, key.Name, key.ID, h.id, h.secret).Scan(&dropped)
-	if err != nil || !dropped {
+	var dropped int
+	err := c.pool.QueryRow(dctx, c.q.leave, key.Name, key.ID, h.id, h.secret, orEmpty(keep)).Scan(&dropped)
+	if err != nil || dropped == 0 {
 		return false
 	}
 	c.log.Info("pglease: deleted a lock row of this client's holder that it does not hold", "name", key.Name, "id", key.ID, "holder_id", h.id)
@@ -343,7 +357,11 @@ func (h *advisoryLock) release(ctx context.Context, l *Lock) (bool, error) {
 func (h *advisoryLock) unlock(ctx context.Context, l *Lock) (bool, error) {
 	p, s, c := h.a.pins, h.s, h.a.c
 	var released bool
-	err := s.conn.QueryRow(ctx, p.q.release, l.key.Name, l.key.ID, h.k, l.token).Scan(&released)
+	q := p.q.release
+	if h.shared {
+		q = p.q.releaseShared
+	}
+	err := s.conn.QueryRow(ctx, q, l.key.Name, l.key.ID, h.k, l.token).Scan(&released)
 	s.unlockConn()
 	if err != nil {
 		// Closing the connection is the one sure way to free the lock now.

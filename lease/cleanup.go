@@ -7,12 +7,12 @@ import "context"
 // ReleaseTimeout, and is tried again after each renewal until it succeeds or
 // the holder is gone: a row of a live holder does not expire by itself.
 
-// cleanupOrphan deletes the row of key that h may have but the client does
-// not hold: left by an acquire whose reply was lost, or whose statement went
-// on after its ctx ended, or brought back by a crash that undid a release. It
-// queues as a waiter on the key, so that no acquirer of this client runs
-// meanwhile, and deletes only if the client then holds no lock on the key (a
-// later acquire replaces an orphan itself). If the delete fails, it is tried
+// cleanupOrphan deletes the rows of key that h may have but the client does
+// not hold: a grant left by an acquire whose reply was lost, or whose
+// statement went on after its ctx ended, or brought back by a crash that
+// undid a release; and h's waiter row of the key, left by acquirers that gave
+// up. It queues as a waiter on the key, so that no acquirer of this client
+// runs meanwhile, and keeps every grant the client then holds on the key. If the delete fails, it is tried
 // again after each renewal until it succeeds, the client acquires the key, or
 // the holder is lost; one that commits before a late insert is caught by the
 // heartbeat's count (see verify).
@@ -23,31 +23,30 @@ func (c *Client) cleanupOrphan(key Key, h *holder) {
 		c.mu.Unlock()
 		return // Close deletes every row of the holder
 	}
-	ks, w, _ := c.enqueueLocked(key, mk, true, true) // never refuses a clean-up
+	ks, w, _ := c.enqueueLocked(key, mk, Exclusive, true, true) // never refuses a clean-up
 	c.wg.Add(1)
 	c.mu.Unlock()
 	go func() {
 		defer c.wg.Done()
-		defer c.leave(mk, ks, w)
+		defer c.leave(key, ks, w)
 		select {
 		case <-w.turn:
 		case <-c.closing:
 			return
 		}
 		c.mu.Lock()
-		skip := ks.held != nil || h.lost
+		skip := h.lost // its rows go with the holder
 		if skip {
-			// Held: that acquire replaced the orphan. Lost: the rows go
-			// with the holder.
 			delete(h.orphans, mk)
 		}
+		keep := ks.tableTokensLocked(h)
 		c.mu.Unlock()
 		if skip {
 			return
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), c.cfg.ReleaseTimeout)
 		defer cancel()
-		_, err := c.pool.Exec(ctx, c.q.dropOrphan, key.Name, key.ID, h.id, h.secret)
+		_, err := c.pool.Exec(ctx, c.q.leave, key.Name, key.ID, h.id, h.secret, keep)
 		c.mu.Lock()
 		if err != nil && !h.lost {
 			// The holder lives on, and so would the orphan: nobody else
@@ -84,4 +83,12 @@ func (c *Client) releaseInBackground(h *holder, key Key, token int64) {
 		defer cancel()
 		_, _ = c.pool.Exec(ctx, c.q.release, key.Name, key.ID, token, h.id, h.secret)
 	}()
+}
+
+// orEmpty is s, or an empty slice for nil (a SQL array, not NULL).
+func orEmpty(s []int64) []int64 {
+	if s == nil {
+		return []int64{}
+	}
+	return s
 }

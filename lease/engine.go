@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/pglease/pglease/internal/dispatch"
@@ -24,8 +25,8 @@ type acquireMode interface {
 	// attempt asks the database once. It returns the lock, registered as
 	// held in ks, or a *LockedError saying why not, or an error; errRetry
 	// asks the engine to try again at once. wait says whether the caller
-	// would wait (a path may then wait in the server).
-	attempt(ctx context.Context, key Key, ks *keyState, wait bool) (*Lock, *LockedError, error)
+	// would wait (a path may then wait in the server, or queue).
+	attempt(ctx context.Context, key Key, ks *keyState, req request, wait bool) (*Lock, *LockedError, error)
 	// explain returns the error TryAcquire reports for a refusal, looking
 	// up more about the holder if that is cheap.
 	explain(ctx context.Context, e *LockedError) error
@@ -42,9 +43,39 @@ type acquireMode interface {
 // order and only the head asks the database, once per wake-up. Fields are
 // guarded by Client.mu.
 type keyState struct {
-	held  *Lock         // this client's lock on the key, in either mode
-	free  chan struct{} // closed when held is cleared
-	queue []*waiter
+	// held is this client's locks on the key, in either mode: one, or
+	// several shared ones or permits (each a grant of its own).
+	held []*Lock
+	free chan struct{} // closed (and renewed) whenever a held lock is dropped; nil while none is
+	// queued: the database may have a waiter row of this client's holder
+	// for the key (an attempt said so). The next acquirer keeps it; when the
+	// last one gives up without the key, a clean-up deletes it.
+	queued bool
+	queue  []*waiter
+}
+
+// blocksLocked returns a lock this client holds on the key that keeps a
+// request of kind k out (c.mu held): an exclusive lock, or any lock when k
+// is exclusive; nil when there is none.
+func (ks *keyState) blocksLocked(k Kind) *Lock {
+	for _, l := range ks.held {
+		if !compatible(l.kind, k) {
+			return l
+		}
+	}
+	return nil
+}
+
+// tableTokensLocked is the tokens of the table locks of holder h this
+// client holds on the key (c.mu held): the grants an acquire must keep.
+func (ks *keyState) tableTokensLocked(h *holder) []int64 {
+	keep := []int64{}
+	for _, l := range ks.held {
+		if t, ok := l.mode.(*tableLock); ok && t.h == h {
+			keep = append(keep, l.token)
+		}
+	}
+	return keep
 }
 
 type waiter struct {
@@ -68,17 +99,22 @@ func (ks *keyState) wantedLocked() bool {
 // a pinned connection was lost).
 var errRetry = errors.New("lease: retry")
 
-// acquire is Acquire and TryAcquire of every path.
+// acquire is Acquire and TryAcquire of every path, for an exclusive lock.
 func (c *Client) acquire(ctx context.Context, m acquireMode, key Key, wait bool) (*Lock, error) {
-	obs := c.met.startAcquire(m) // metrics: does nothing without a MeterProvider
-	l, err := c.acquireObserved(ctx, m, key, wait, &obs)
+	return c.acquireReq(ctx, m, key, exclusiveReq, wait)
+}
+
+// acquireReq is every acquire of one key, of any kind.
+func (c *Client) acquireReq(ctx context.Context, m acquireMode, key Key, req request, wait bool) (*Lock, error) {
+	obs := c.met.startAcquire(m, req.kind) // metrics: does nothing without a MeterProvider
+	l, err := c.acquireObserved(ctx, m, key, req, wait, &obs)
 	obs.done(ctx, err)
 	return l, err
 }
 
-// acquireObserved is acquire, telling obs when it starts waiting and each
+// acquireObserved is acquireReq, telling obs when it starts waiting and each
 // attempt it makes.
-func (c *Client) acquireObserved(ctx context.Context, m acquireMode, key Key, wait bool, obs *acquireObs) (*Lock, error) {
+func (c *Client) acquireObserved(ctx context.Context, m acquireMode, key Key, req request, wait bool, obs *acquireObs) (*Lock, error) {
 	if err := key.Validate(); err != nil {
 		return nil, err
 	}
@@ -96,12 +132,12 @@ func (c *Client) acquireObserved(ctx context.Context, m acquireMode, key Key, wa
 		c.mu.Unlock()
 		return nil, err
 	}
-	ks, w, err := c.enqueueLocked(key, mk, wait, false)
+	ks, w, err := c.enqueueLocked(key, mk, req.kind, wait, false)
 	c.mu.Unlock()
 	if err != nil {
 		return nil, err
 	}
-	defer c.leave(mk, ks, w)
+	defer c.leave(key, ks, w)
 	if err := c.awaitTurn(ctx, w, obs); err != nil {
 		return nil, err
 	}
@@ -115,17 +151,17 @@ func (c *Client) acquireObserved(ctx context.Context, m acquireMode, key Key, wa
 	backoff := m.busyRetry()
 	for {
 		c.mu.Lock()
-		free := ks.free
-		if ks.held == nil {
-			free = nil
-		}
-		if free != nil && !wait {
-			err := c.heldHereLocked(ks.held)
-			c.mu.Unlock()
-			return nil, err
+		var free chan struct{}
+		if b := ks.blocksLocked(req.kind); b != nil {
+			if !wait {
+				err := c.heldHereLocked(b)
+				c.mu.Unlock()
+				return nil, err
+			}
+			free = ks.free
 		}
 		c.mu.Unlock()
-		if free != nil { // this client holds it (in either mode): wait for its release
+		if free != nil { // this client holds it (in either mode) in a way that keeps us out: wait for its release
 			obs.wait()
 			select {
 			case <-free:
@@ -143,7 +179,7 @@ func (c *Client) acquireObserved(ctx context.Context, m acquireMode, key Key, wa
 		if sub != nil {
 			wake = sub.C() // before asking: a release in between still wakes us
 		}
-		l, refused, err := m.attempt(ctx, key, ks, wait)
+		l, refused, err := m.attempt(ctx, key, ks, req, wait)
 		obs.attempt()
 		if errors.Is(err, errRetry) {
 			continue
@@ -208,16 +244,17 @@ func (c *Client) usableLocked(m acquireMode) error {
 
 // enqueueLocked queues a waiter for key in this client's FIFO (c.mu held).
 // For a try (wait false) it refuses with a *LockedError instead when the key
-// is held or wanted by an acquirer of this client.
-func (c *Client) enqueueLocked(key Key, mk string, wait, cleanup bool) (*keyState, *waiter, error) {
+// is held by this client in a way that keeps kind k out, or wanted by an
+// acquirer of this client.
+func (c *Client) enqueueLocked(key Key, mk string, k Kind, wait, cleanup bool) (*keyState, *waiter, error) {
 	ks := c.keys[mk]
 	if ks == nil {
 		ks = &keyState{}
 		c.keys[mk] = ks
 	}
 	if !wait && !cleanup {
-		if ks.held != nil {
-			return nil, nil, c.heldHereLocked(ks.held)
+		if b := ks.blocksLocked(k); b != nil {
+			return nil, nil, c.heldHereLocked(b)
 		}
 		if ks.wantedLocked() {
 			return nil, nil, c.lockedHereLocked(key)
@@ -250,10 +287,13 @@ func (c *Client) awaitTurn(ctx context.Context, w *waiter, obs *acquireObs) erro
 	}
 }
 
-// leave removes w from the key's queue and hands the turn to the next waiter.
-func (c *Client) leave(mk string, ks *keyState, w *waiter) {
+// leave removes w from the key's queue and hands the turn to the next
+// waiter. When w was the last acquirer of this client for the key and the
+// database may still have its waiter row, a clean-up deletes the row: a
+// waiter that gave up must not keep its place ahead of others.
+func (c *Client) leave(key Key, ks *keyState, w *waiter) {
+	mk := key.mapKey()
 	c.mu.Lock()
-	defer c.mu.Unlock()
 	for i, x := range ks.queue {
 		if x == w {
 			ks.queue = append(ks.queue[:i], ks.queue[i+1:]...)
@@ -263,19 +303,30 @@ func (c *Client) leave(mk string, ks *keyState, w *waiter) {
 			break
 		}
 	}
+	h := c.h
+	drop := !w.cleanup && ks.queued && !ks.wantedLocked() && h != nil && !h.lost && !c.closed
+	if drop {
+		ks.queued = false
+	}
 	c.gcKeyLocked(mk, ks)
+	c.mu.Unlock()
+	if drop {
+		c.cleanupOrphan(key, h)
+	}
 }
 
 func (c *Client) gcKeyLocked(mk string, ks *keyState) {
-	if ks.held == nil && len(ks.queue) == 0 && c.keys[mk] == ks {
+	if len(ks.held) == 0 && len(ks.queue) == 0 && c.keys[mk] == ks {
 		delete(c.keys, mk)
 	}
 }
 
-// holdLocked records l as this client's lock on its key (c.mu held).
+// holdLocked records l as one of this client's locks on its key (c.mu held).
 func (c *Client) holdLocked(ks *keyState, l *Lock) {
-	ks.held = l
-	ks.free = make(chan struct{})
+	ks.held = append(ks.held, l)
+	if ks.free == nil {
+		ks.free = make(chan struct{})
+	}
 	c.met.heldChange(l, 1)
 }
 
@@ -283,13 +334,22 @@ func (c *Client) holdLocked(ks *keyState, l *Lock) {
 // Idempotent.
 func (c *Client) dropLocked(l *Lock) {
 	mk := l.key.mapKey()
-	if ks := c.keys[mk]; ks != nil && ks.held == l {
-		ks.held = nil
-		close(ks.free)
-		ks.free = nil
-		c.gcKeyLocked(mk, ks)
-		c.met.heldChange(l, -1)
+	ks := c.keys[mk]
+	if ks == nil {
+		return
 	}
+	i := slices.Index(ks.held, l)
+	if i < 0 {
+		return
+	}
+	ks.held = slices.Delete(ks.held, i, i+1)
+	close(ks.free)
+	ks.free = nil
+	if len(ks.held) > 0 {
+		ks.free = make(chan struct{})
+	}
+	c.gcKeyLocked(mk, ks)
+	c.met.heldChange(l, -1)
 }
 
 // Locks are not reentrant, and an acquirer of a key this client holds waits

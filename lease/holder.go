@@ -266,11 +266,18 @@ func (c *Client) verify(h *holder, cutoff uint64) {
 func (c *Client) onRowDeleted(mk string, token int64) {
 	c.mu.Lock()
 	ks := c.keys[mk]
-	if ks == nil || ks.held == nil || ks.held.token != token || ks.held.Advisory() {
+	var l *Lock
+	if ks != nil {
+		for _, x := range ks.held {
+			if x.token == token && !x.Advisory() {
+				l = x
+			}
+		}
+	}
+	if l == nil {
 		c.mu.Unlock()
 		return
 	}
-	l := ks.held
 	if l.releasing {
 		// Our own release: its notification can arrive before its reply.
 		// Dropping it here (release drops it too) lets this client's next

@@ -23,6 +23,9 @@ type Lock struct {
 	c          *Client
 	mode       heldMode // the table or the advisory path
 	key        Key
+	kind       Kind
+	slot       int64 // a permit's slot, 1 to permits; 0 for other kinds
+	permits    int   // a semaphore's permits; 0 for other kinds
 	token      int64
 	acquiredAt time.Time
 
@@ -56,8 +59,11 @@ type heldMode interface {
 	goneReason() LossReason
 }
 
-func newLock(c *Client, m heldMode, key Key, token int64, acquiredAt time.Time) *Lock {
-	l := &Lock{c: c, mode: m, key: key, token: token, acquiredAt: acquiredAt}
+func newLock(c *Client, m heldMode, key Key, req request, token, slot int64, acquiredAt time.Time) *Lock {
+	l := &Lock{c: c, mode: m, key: key, kind: req.kind, token: token, acquiredAt: acquiredAt}
+	if req.kind == Permit {
+		l.slot, l.permits = slot, req.permits
+	}
 	ctx, cancel := context.WithCancelCause(context.Background())
 	l.ctx, l.stop = withHeld(ctx, l), cancel
 	return l
@@ -85,9 +91,22 @@ func (l *Lock) cancel(cause error) {
 // Key returns the locked key.
 func (l *Lock) Key() Key { return l.key }
 
+// Kind says how the lock holds its key: Exclusive, Shared, or a semaphore's
+// Permit.
+func (l *Lock) Kind() Kind { return l.kind }
+
+// Slot is which permit of its semaphore the lock holds, 1 to Permits; 0 for
+// a lock of another kind.
+func (l *Lock) Slot() int { return int(l.slot) }
+
+// Permits is the number of permits of the lock's semaphore; 0 for a lock of
+// another kind.
+func (l *Lock) Permits() int { return l.permits }
+
 // Token returns the fencing token: larger than the token of every earlier
-// acquisition of the same key. Pass it to the SQL function fence (or use
-// Fence) in transactions that write what the lock protects.
+// grant of the same key, of any kind and on either path: each is drawn
+// under the key's locks and committed before they are let go. Pass it to the SQL function fence (or use Fence) in transactions that
+// write what the lock protects.
 func (l *Lock) Token() int64 { return l.token }
 
 // AcquiredAt is when the lock row was inserted, on the database clock (for

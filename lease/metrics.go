@@ -22,7 +22,7 @@ const MeterName = "github.com/pglease/pglease/lease"
 // Attribute keys of the client's instruments.
 const (
 	attrMode     = "pglease.lock.mode"            // table, advisory
-	attrKind     = "pglease.lock.kind"            // exclusive
+	attrKind     = "pglease.lock.kind"            // exclusive, shared, permit
 	attrOutcome  = "pglease.lock.acquire.outcome" // see acquireOutcome
 	attrReason   = "pglease.lock.loss.reason"     // see lossNames
 	attrRenewal  = "pglease.heartbeat.outcome"    // see renewalOutcome
@@ -46,10 +46,12 @@ type lockKind uint8
 
 const (
 	kindExclusive lockKind = iota
+	kindShared
+	kindPermit
 	numKinds
 )
 
-var kindNames = [numKinds]string{"exclusive"}
+var kindNames = [numKinds]string{"exclusive", "shared", "permit"}
 
 // acquireOutcome is how an Acquire or TryAcquire call ended.
 type acquireOutcome uint8
@@ -200,15 +202,23 @@ func modeOf(m acquireMode) lockMode {
 	return modeTable
 }
 
-// kindOf is the kind of lock a path acquires: exclusive, the only kind yet.
-func kindOf(acquireMode) lockKind { return kindExclusive }
+// attrKindOf is the attribute value of a lock kind.
+func attrKindOf(k Kind) lockKind {
+	switch k {
+	case Shared:
+		return kindShared
+	case Permit:
+		return kindPermit
+	}
+	return kindExclusive
+}
 
 // lockAttrs is the mode and kind of a held lock.
 func lockAttrs(l *Lock) (lockMode, lockKind) {
 	if l.Advisory() {
-		return modeAdvisory, kindExclusive
+		return modeAdvisory, attrKindOf(l.kind)
 	}
-	return modeTable, kindExclusive
+	return modeTable, attrKindOf(l.kind)
 }
 
 // now is the time, or the zero time when there are no instruments.
@@ -229,11 +239,11 @@ type acquireObs struct {
 	waitStart time.Time // zero until the call first waits
 }
 
-func (m *meters) startAcquire(am acquireMode) acquireObs {
+func (m *meters) startAcquire(am acquireMode, k Kind) acquireObs {
 	if m == nil {
 		return acquireObs{}
 	}
-	return acquireObs{m: m, mode: modeOf(am), kind: kindOf(am), start: time.Now()}
+	return acquireObs{m: m, mode: modeOf(am), kind: attrKindOf(k), start: time.Now()}
 }
 
 // wait marks the call as waiting for a busy key, from now if it was not

@@ -25,7 +25,7 @@ func TestLossReasonNames(t *testing.T) {
 
 // metricHooks is what one uncontended Acquire and its Release ask of m.
 func metricHooks(ctx context.Context, m *meters, l *Lock) {
-	obs := m.startAcquire(tableMode{})
+	obs := m.startAcquire(tableMode{}, Exclusive)
 	obs.attempt()
 	m.heldChange(l, 1)
 	obs.done(ctx, nil)

@@ -162,20 +162,24 @@ func (p *pinSet) pickLocked(k int64, blocking bool) (s *pinnedConn, open bool) {
 // run sends advisory_acquire on s. A blocking call is cancelled in the server
 // when ctx is done (a cancel request; the connection stays); other calls are
 // bounded by ReleaseTimeout, past which the connection is closed.
-func (p *pinSet) run(ctx context.Context, s *pinnedConn, key Key, k int64, blocking bool) (int64, error) {
+func (p *pinSet) run(ctx context.Context, s *pinnedConn, key Key, k int64, blocking, shared bool) (int64, error) {
 	if err := s.lockConn(ctx); err != nil {
 		return 0, err
 	}
 	defer s.unlockConn()
+	acquire, unlockIfHeld := p.q.acquire, p.q.unlockIfHeld
+	if shared {
+		acquire, unlockIfHeld = p.q.acquireShared, p.q.unlockSharedIfHeld
+	}
 	var tok int64
 	var err error
 	if blocking {
 		s.soft.Store(true)
-		err = s.conn.QueryRow(ctx, p.q.acquire, key.Name, key.ID, k, true).Scan(&tok)
+		err = s.conn.QueryRow(ctx, acquire, key.Name, key.ID, k, true).Scan(&tok)
 		s.soft.Store(false)
 	} else {
 		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), p.c.cfg.ReleaseTimeout)
-		err = s.conn.QueryRow(sctx, p.q.acquire, key.Name, key.ID, k, false).Scan(&tok)
+		err = s.conn.QueryRow(sctx, acquire, key.Name, key.ID, k, false).Scan(&tok)
 		cancel()
 	}
 	if err == nil {
@@ -189,7 +193,7 @@ func (p *pinSet) run(ctx context.Context, s *pinnedConn, key Key, k int64, block
 	// (a cancel that arrived just then): make sure the session lets it go.
 	uctx, cancel := context.WithTimeout(context.Background(), p.c.cfg.ReleaseTimeout)
 	defer cancel()
-	if _, uerr := s.conn.Exec(uctx, p.q.unlockIfHeld, k); uerr != nil {
+	if _, uerr := s.conn.Exec(uctx, unlockIfHeld, k); uerr != nil {
 		p.lose(s, "clean-up after a failed acquire failed", uerr)
 	}
 	return 0, err

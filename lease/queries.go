@@ -9,15 +9,18 @@ import (
 
 // queries holds every statement the client sends, with the schema quoted once.
 type queries struct {
-	register   string
-	acquire    string
-	release    string
-	renew      string
-	verify     string
-	dropHolder string
-	dropOrphan string
-	fence      string
-	leader     string // who holds a key, for elections
+	register string
+	acquire  string
+	// acquireKeys is every table-path acquire (schema version 6).
+	acquireKeys string
+	leave       string
+	release     string
+	renew       string
+	verify      string
+	dropHolder  string
+	dropOrphan  string
+	fence       string
+	leader      string // who holds a key, for elections
 	// markListening registers a LISTEN connection as a listener, so that
 	// advisory releases announce themselves to it.
 	markListening string
@@ -30,6 +33,11 @@ func newQueries(schema string) queries {
 		acquire: `SELECT acquired, token, holder_id, host, pid, application, acquired_at,
 			(extract(epoch FROM expires_in) * 1000000)::bigint, busy
 			FROM ` + s + `.acquire($1, $2, $3, $4)`,
+		acquireKeys: `SELECT acquired, tokens, slots, acquired_at, busy, queued, blocked,
+			holder_id, host, pid, application, held_since,
+			(extract(epoch FROM expires_in) * 1000000)::bigint
+			FROM ` + s + `.acquire_keys($1, $2, $3::text[]::"char"[], $4, $5, $6, $7, $8)`,
+		leave:      `SELECT ` + s + `.leave($1, $2, $3, $4, $5)`,
 		release:    `SELECT ` + s + `.release($1, $2, $3, $4, $5)`,
 		renew:      `SELECT alive, locks, tokens_xor FROM ` + s + `.renew($1, $2)`,
 		verify:     `SELECT name, entity_id, token FROM ` + s + `.holder_locks($1, $2)`,

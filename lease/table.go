@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -34,88 +35,154 @@ func (tableMode) subscribeFirst() bool                            { return true 
 func (tableMode) busyRetry() time.Duration                        { return busyRetry }
 func (tableMode) explain(_ context.Context, e *LockedError) error { return e }
 
-// attempt asks the database once, through the SQL function acquire.
-func (m tableMode) attempt(ctx context.Context, key Key, ks *keyState, _ bool) (*Lock, *LockedError, error) {
+// attempt asks the database once, through the SQL function acquire_keys.
+func (m tableMode) attempt(ctx context.Context, key Key, ks *keyState, req request, wait bool) (*Lock, *LockedError, error) {
 	c := m.c
 	h, err := c.ensureHolder(ctx)
 	if err != nil {
 		return nil, nil, err
 	}
-	var (
-		acquired, busy        bool
-		token, holderID       *int64
-		host, app             *string
-		pid                   *int32
-		acquiredAt            *time.Time
-		expiresInMicroseconds *int64
-	)
-	err = c.pool.QueryRow(ctx, c.q.acquire, key.Name, key.ID, h.id, h.secret).Scan(
-		&acquired, &token, &holderID, &host, &pid, &app, &acquiredAt, &expiresInMicroseconds, &busy)
-	c.attempts.Add(1) // after the reply: a test that sees the count sees no statement in flight
+	c.mu.Lock()
+	keep := ks.tableTokensLocked(h)
+	c.mu.Unlock()
+	g, err := c.grant(ctx, h, []Key{key}, []Kind{req.kind}, req.permits, wait, keep)
 	if err != nil {
-		if pgErr, ok := errors.AsType[*pgconn.PgError](err); ok {
-			if pgErr.Code == SQLStateHolderExpired {
-				c.loseHolder(h, LossHolderExpired)
-				return nil, nil, errRetry
-			}
-			return nil, nil, fmt.Errorf("lease: acquire %s: %w", key, err)
-		}
-		// The outcome is unknown: the row may have been inserted, or may yet
-		// be (a cancel that did not arrive), and the reply lost. Make sure
-		// such an orphan does not keep the key locked: deleted now, and found
-		// by the heartbeat if it commits later.
-		c.cleanupOrphan(key, h)
-		if ctx.Err() != nil {
-			return nil, nil, context.Cause(ctx)
+		if errors.Is(err, errRetry) {
+			return nil, nil, err
 		}
 		return nil, nil, fmt.Errorf("lease: acquire %s: %w", key, err)
 	}
-	if !acquired {
-		e := &LockedError{Key: key, busy: busy}
-		if holderID != nil {
-			e.HolderID = *holderID
+	if !g.acquired {
+		c.mu.Lock()
+		if g.queued {
+			ks.queued = true
 		}
-		if host != nil {
-			e.Host = *host
-		}
-		if pid != nil {
-			e.PID = *pid
-		}
-		if app != nil {
-			e.Application = *app
-		}
-		if acquiredAt != nil {
-			e.AcquiredAt = *acquiredAt
-		}
-		if expiresInMicroseconds != nil {
-			e.ExpiresIn = time.Duration(*expiresInMicroseconds) * time.Microsecond
-		}
-		return nil, e, nil
+		c.mu.Unlock()
+		return nil, g.refusal(key), nil
 	}
 	c.mu.Lock()
+	ks.queued = false // the grant took this holder's waiter row, if it had one
 	if h.lost || c.closed {
 		closed := c.closed
 		c.mu.Unlock()
 		// The holder was given up while we asked: this row is not ours to use.
 		// Its holder's clean-up may have run before the insert committed, so
 		// delete it by its token.
-		c.releaseInBackground(h, key, *token)
+		c.releaseInBackground(h, key, g.tokens[0])
 		if closed {
 			return nil, nil, ErrClosed
 		}
 		return nil, nil, errRetry
 	}
-	var at time.Time
-	if acquiredAt != nil {
-		at = *acquiredAt
-	}
-	h.seq++
-	tl := &tableLock{h: h, seq: h.seq}
-	l := newLock(c, tl, key, *token, at)
-	h.locks[l.token] = l
-	c.holdLocked(ks, l)
+	l := c.holdTableLocked(h, ks, key, req, g.tokens[0], g.slots[0], g.at)
 	c.mu.Unlock()
 	return l, nil, nil
+}
+
+// holdTableLocked makes the Lock of a table grant and records it as held,
+// by h and on the key (c.mu held).
+func (c *Client) holdTableLocked(h *holder, ks *keyState, key Key, req request, token, slot int64, at time.Time) *Lock {
+	h.seq++
+	tl := &tableLock{h: h, seq: h.seq}
+	l := newLock(c, tl, key, req, token, slot, at)
+	h.locks[l.token] = l
+	c.holdLocked(ks, l)
+	return l
+}
+
+// grantResult is acquire_keys' answer.
+type grantResult struct {
+	acquired, busy, queued bool
+	tokens, slots          []int64 // in the order of the keys asked for
+	at                     time.Time
+	blocked                int // index of a key that could not be granted
+	holderID               *int64
+	host, app              *string
+	pid                    *int32
+	heldSince              *time.Time
+	expiresInMicroseconds  *int64
+}
+
+// refusal is the *LockedError of a refused grant, about key.
+func (g *grantResult) refusal(key Key) *LockedError {
+	e := &LockedError{Key: key, busy: g.busy}
+	if g.holderID != nil {
+		e.HolderID = *g.holderID
+	}
+	if g.host != nil {
+		e.Host = *g.host
+	}
+	if g.pid != nil {
+		e.PID = *g.pid
+	}
+	if g.app != nil {
+		e.Application = *g.app
+	}
+	if g.heldSince != nil {
+		e.AcquiredAt = *g.heldSince
+	}
+	if g.expiresInMicroseconds != nil {
+		e.ExpiresIn = time.Duration(*g.expiresInMicroseconds) * time.Microsecond
+	}
+	return e
+}
+
+// grant sends one acquire_keys for keys (with kinds, and permits for a
+// semaphore), keeping the grants with tokens keep. An error of unknown
+// outcome schedules clean-ups of the keys (the grants or waiter rows it may
+// have made) and returns the error; one about a holder that expired gives the
+// holder up and returns errRetry.
+func (c *Client) grant(ctx context.Context, h *holder, keys []Key, kinds []Kind, permits int, wait bool, keep []int64) (*grantResult, error) {
+	names := make([]string, len(keys))
+	ids := make([]string, len(keys))
+	codes := make([]string, len(keys))
+	for i, k := range keys {
+		names[i], ids[i], codes[i] = k.Name, k.ID, kinds[i].sqlKind()
+	}
+	var g grantResult
+	var at *time.Time
+	var blocked *int32
+	err := c.pool.QueryRow(ctx, c.q.acquireKeys, names, ids, codes, permits, h.id, h.secret, wait, keep).Scan(
+		&g.acquired, &g.tokens, &g.slots, &at, &g.busy, &g.queued, &blocked,
+		&g.holderID, &g.host, &g.pid, &g.app, &g.heldSince, &g.expiresInMicroseconds)
+	c.attempts.Add(1) // after the reply: a test that sees the count sees no statement in flight
+	if err != nil {
+		if pgErr, ok := errors.AsType[*pgconn.PgError](err); ok {
+			switch pgErr.Code {
+			case SQLStateHolderExpired:
+				c.loseHolder(h, LossHolderExpired)
+				return nil, errRetry
+			case SQLStateKindConflict:
+				e := &KindConflictError{Asked: kinds[0], Detail: strings.TrimPrefix(pgErr.Message, "pglease: ")}
+				if len(keys) == 1 {
+					e.Key = keys[0]
+				}
+				if kinds[0] == Permit {
+					e.AskedPermits = permits
+				}
+				return nil, e
+			}
+			return nil, err
+		}
+		// The outcome is unknown: grants or waiter rows may have been
+		// inserted, or may yet be (a cancel that did not arrive), and the
+		// reply lost. Make sure such orphans do not keep the keys locked:
+		// deleted now, and found by the heartbeat if they commit later.
+		for _, k := range keys {
+			c.cleanupOrphan(k, h)
+		}
+		if ctx.Err() != nil {
+			return nil, context.Cause(ctx)
+		}
+		return nil, err
+	}
+	if at != nil {
+		g.at = *at
+	}
+	if blocked != nil {
+		g.blocked = int(*blocked) - 1
+	}
+	return &g, nil
 }
 
 func (t *tableLock) holderID() int64 { return t.h.id }
