@@ -141,9 +141,9 @@ type advQueries struct {
 	acquireShared      string
 	releaseShared      string
 	unlockSharedIfHeld string
-	probe        string
-	ping         string
-	held         string
+	probe              string
+	ping               string
+	held               string
 }
 
 func newAdvQueries(schema string) advQueries {
@@ -156,8 +156,8 @@ func newAdvQueries(schema string) advQueries {
 		acquireShared:      `SELECT ` + s + `.advisory_acquire_shared($1, $2, $3, $4)`,
 		releaseShared:      `SELECT ` + s + `.advisory_release_shared($1, $2, $3, $4)`,
 		unlockSharedIfHeld: `SELECT ` + s + `.advisory_unlock_shared_if_held($1)`,
-		probe:        `SELECT pg_backend_pid(), current_setting('server_version_num')::int, ` + s + `.key_hash($1, $2)`,
-		ping:         `SELECT pg_backend_pid()`,
+		probe:              `SELECT pg_backend_pid(), current_setting('server_version_num')::int, ` + s + `.key_hash($1, $2)`,
+		ping:               `SELECT pg_backend_pid()`,
 		held: `SELECT holder_id, host, pid, application, acquired_at,
 			(extract(epoch FROM time_left) * 1000000)::bigint
 			FROM ` + s + `.held WHERE name = $1 AND entity_id = $2 AND alive`,
