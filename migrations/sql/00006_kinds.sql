@@ -121,6 +121,21 @@ END
 $gen$;
 -- +goose StatementEnd
 
+-- kind_conflict raises SQLSTATE 55L05 for (p_name, p_id), in use as kind
+-- p_kind (with p_permits permits): see grant_keys.
+-- +goose StatementBegin
+CREATE FUNCTION kind_conflict(p_name text, p_id text, p_kind "char", p_permits integer) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'pglease: (%, %) is in use as %', p_name, p_id,
+        CASE WHEN p_kind = 'p' THEN format('a semaphore of %s permits', p_permits)
+             WHEN p_kind = 's' THEN 'a shared lock' ELSE 'an exclusive lock' END
+        USING ERRCODE = '55L05',
+              HINT = 'every user of a key must ask for it as the same kind, and a semaphore with the same number of permits';
+END
+$$;
+-- +goose StatementEnd
+
 -- grant_keys is the acquire engine: every table-path acquire, of one key or
 -- a set, of any kind, old clients' included, runs it. It acts for holder
 -- p_holder without checking who calls (acquire_keys checks the secret) and
@@ -165,9 +180,8 @@ DECLARE
     ahead_n  integer;
     ahead_x  boolean;
     mine     bigint;
+    had_mine boolean := false;
     quiet    boolean;
-    b_holder bigint;
-    b_since  timestamptz;
     n_tokens bigint[];
     n_slots  bigint[];
     t        bigint;
@@ -260,32 +274,23 @@ BEGIN
         nm := p_names[k];
         ident := p_ids[k];
         kd := p_kinds[k];
-        -- Who waits: is anyone else queued? Deleting a dead grant then wakes
-        -- them; else it goes quietly, as the key is about to be held again.
-        quiet := NOT EXISTS (SELECT FROM waiters w WHERE w.name = nm AND w.entity_id = ident
-                                AND w.holder_id <> p_holder);
-
         -- The grants: dead ones and this holder's orphans are deleted (a row
         -- locked by someone, a fenced write or a reaper, makes the key busy).
+        -- Kinds must agree: a semaphore is one with every permit holder and
+        -- waiter of its key, and never a lock at the same time.
         live_n := 0;
         live_x := false;
-        b_holder := NULL;
-        FOR r IN SELECT l.token, l.holder_id, l.kind, l.permits, l.acquired_at,
+        quiet := NULL;
+        FOR r IN SELECT l.token, l.holder_id, l.kind, l.permits,
                         h.expires_at > clock_timestamp() AS alive, h.id IS NOT NULL AS present
                    FROM locks l LEFT JOIN holders h ON h.id = l.holder_id
                   WHERE l.name = nm AND l.entity_id = ident LOOP
-            IF r.holder_id = p_holder AND r.token = ANY (p_keep) THEN
-                live_n := live_n + 1; -- the caller's own, still held
-                live_x := live_x OR r.kind = 'x';
-                CONTINUE;
-            END IF;
-            IF r.holder_id <> p_holder AND r.alive THEN
+            IF (r.holder_id = p_holder AND r.token = ANY (p_keep)) OR (r.holder_id <> p_holder AND r.alive) THEN
+                IF (kd = 'p') <> (r.kind = 'p') OR (kd = 'p' AND r.permits <> p_permits) THEN
+                    PERFORM kind_conflict(nm, ident, r.kind, r.permits);
+                END IF;
                 live_n := live_n + 1;
                 live_x := live_x OR r.kind = 'x';
-                IF b_holder IS NULL THEN
-                    b_holder := r.holder_id;
-                    b_since := r.acquired_at;
-                END IF;
                 CONTINUE;
             END IF;
             -- An orphan of ours, or a grant of a dead holder: take it over.
@@ -314,36 +319,27 @@ BEGIN
                 UPDATE holders h SET expires_at = h.expires_at
                  WHERE h.id = r.holder_id AND h.expires_at <= clock_timestamp();
                 IF NOT FOUND THEN
-                    -- Renewed since we looked: alive after all.
-                    live_n := live_n + 1;
-                    live_x := live_x OR r.kind = 'x';
-                    b_holder := coalesce(b_holder, r.holder_id);
-                    CONTINUE;
+                    -- Renewed since we looked: alive after all. Ask again.
+                    RETURN QUERY SELECT false, NULL::bigint[], NULL::bigint[], NULL::timestamptz,
+                                        true, false, k, NULL::bigint, NULL::text, NULL::integer,
+                                        NULL::text, NULL::timestamptz, NULL::interval;
+                    RETURN;
                 END IF;
             END IF;
-            PERFORM set_config('pglease.quiet', CASE WHEN quiet THEN 'on' ELSE 'off' END, true);
+            -- Quietly unless someone else waits: they are told (a freed
+            -- permit may be theirs); else the key is about to be held again.
+            IF quiet IS NULL THEN
+                quiet := NOT EXISTS (SELECT FROM waiters w WHERE w.name = nm AND w.entity_id = ident
+                                        AND w.holder_id <> p_holder);
+            END IF;
+            IF quiet THEN
+                PERFORM set_config('pglease.quiet', 'on', true);
+            END IF;
             DELETE FROM locks l WHERE l.name = nm AND l.entity_id = ident AND l.token = r.token;
-            PERFORM set_config('pglease.quiet', 'off', true);
+            IF quiet THEN
+                PERFORM set_config('pglease.quiet', 'off', true);
+            END IF;
         END LOOP;
-
-        -- Kinds must agree: a semaphore is one with every permit holder and
-        -- waiter of its key, and never a lock at the same time.
-        SELECT x.kind, x.permits INTO r FROM (
-            SELECT l.kind, l.permits FROM locks l JOIN holders h ON h.id = l.holder_id
-             WHERE l.name = nm AND l.entity_id = ident AND h.expires_at > clock_timestamp()
-            UNION ALL
-            SELECT w.kind, w.permits FROM waiters w JOIN holders h ON h.id = w.holder_id
-             WHERE w.name = nm AND w.entity_id = ident AND w.holder_id <> p_holder
-               AND h.expires_at > clock_timestamp()) x
-         WHERE CASE WHEN kd = 'p' THEN x.kind <> 'p' OR x.permits <> p_permits ELSE x.kind = 'p' END
-         LIMIT 1;
-        IF FOUND THEN
-            RAISE EXCEPTION 'pglease: (%, %) is in use as %', nm, ident,
-                CASE WHEN r.kind = 'p' THEN format('a semaphore of %s permits', r.permits)
-                     WHEN r.kind = 's' THEN 'a shared lock' ELSE 'an exclusive lock' END
-                USING ERRCODE = '55L05',
-                      HINT = 'every user of a key must ask for it as the same kind, and a semaphore with the same number of permits';
-        END IF;
 
         -- The queue ahead of the caller. Waiters of dead holders go.
         ahead_n := 0;
@@ -356,6 +352,7 @@ BEGIN
             IF r.holder_id = p_holder THEN
                 IF r.kind = kd AND r.permits = p_permits THEN
                     mine := r.id;
+                    had_mine := true;
                 ELSE -- asked for as something else now: queue anew
                     PERFORM set_config('pglease.quiet', 'on', true);
                     DELETE FROM waiters w WHERE w.id = r.id;
@@ -366,6 +363,9 @@ BEGIN
             IF NOT r.alive THEN
                 DELETE FROM waiters w WHERE w.id = r.id;
                 CONTINUE;
+            END IF;
+            IF (kd = 'p') <> (r.kind = 'p') OR (kd = 'p' AND r.permits <> p_permits) THEN
+                PERFORM kind_conflict(nm, ident, r.kind, r.permits);
             END IF;
             ahead_n := ahead_n + 1;
             ahead_x := ahead_x OR r.kind = 'x';
@@ -412,11 +412,13 @@ BEGIN
     IF NOT EXISTS (SELECT FROM token_guard) THEN
         PERFORM guard_tokens();
     END IF;
-    PERFORM set_config('pglease.quiet', 'on', true);
-    DELETE FROM waiters w
-     USING unnest(p_names, p_ids) AS u(a, b)
-     WHERE w.name = u.a AND w.entity_id = u.b AND w.holder_id = p_holder;
-    PERFORM set_config('pglease.quiet', 'off', true);
+    IF had_mine THEN
+        PERFORM set_config('pglease.quiet', 'on', true);
+        DELETE FROM waiters w
+         USING unnest(p_names, p_ids) AS u(a, b)
+         WHERE w.name = u.a AND w.entity_id = u.b AND w.holder_id = p_holder;
+        PERFORM set_config('pglease.quiet', 'off', true);
+    END IF;
     n_tokens := array_fill(NULL::bigint, ARRAY[n]);
     n_slots := array_fill(NULL::bigint, ARRAY[n]);
     FOR i IN 1..n LOOP
@@ -1239,6 +1241,7 @@ $$;
 -- +goose StatementEnd
 DROP FUNCTION advisory_takeover_kinds(text, text, "char"[]);
 DROP FUNCTION grant_keys(text[], text[], "char"[], integer, bigint, boolean, bigint[]);
+DROP FUNCTION kind_conflict(text, text, "char", integer);
 -- +goose StatementBegin
 DO $$
 BEGIN
