@@ -144,11 +144,13 @@ func faultFailover(ctx context.Context, r *run, fail failoverFunc, minRounds int
 				names = append(names, hp.name)
 			}
 		}
-		for _, iv := range r.open {
-			if iv.adv {
-				rec.heldAdv = append(rec.heldAdv, iv)
-			} else {
-				rec.heldTable = append(rec.heldTable, iv)
+		for _, open := range r.open {
+			for _, iv := range open {
+				if iv.adv {
+					rec.heldAdv = append(rec.heldAdv, iv)
+				} else {
+					rec.heldTable = append(rec.heldTable, iv)
+				}
 			}
 		}
 		r.mu.Unlock()

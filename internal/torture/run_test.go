@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -46,6 +47,15 @@ type params struct {
 	check time.Duration
 	// sabotage: extra holder flags that break it on purpose.
 	sabotage []string
+	// kind of the holders' locks (holder flag -kind): exclusive when empty,
+	// shared, semaphore or set; readers is the share of shared requests,
+	// permits a semaphore's N.
+	kind    string
+	readers float64
+	permits int
+	// waiterKills: the kill fault also killed waiters at the head of a
+	// key's queue (set by faultKillKinds).
+	waiterKills bool
 }
 
 // grace absorbs scheduling delays of a loaded 2-core machine running the race
@@ -63,7 +73,22 @@ type interval struct {
 	release    string
 	killed     bool // ended by the death of its process
 	adv        bool // on the advisory path
+	kind       string
+	slot       int    // a permit's slot
+	permits    int    // a permit's N, as its holder believed
+	set        string // the key set it belongs to
 }
+
+// ckey is the counter iv guards: its key's, or a permit's slot's.
+func (iv *interval) ckey() string {
+	if iv.kind == KindPermit {
+		return fmt.Sprintf("%s/%d", iv.key, iv.slot)
+	}
+	return iv.key
+}
+
+// exclusive reports whether iv excludes every other grant of its key.
+func (iv *interval) exclusive() bool { return iv.kind != KindShared && iv.kind != KindPermit }
 
 type section struct {
 	id, proc, key string
@@ -71,12 +96,17 @@ type section struct {
 	readT, endT   int64
 	outcome       string
 	raw           bool
+	read          bool // a fenced read (reads table), not a write
 }
 
 type wait struct {
-	proc, key string
-	from, to  int64 // to 0 while waiting
+	proc     string
+	keys     []string // one key, or a set's
+	from, to int64    // to 0 while waiting
+	died     bool     // ended by the death of its process
 }
+
+func (w *wait) wants(key string) bool { return slices.Contains(w.keys, key) }
 
 type pauseRec struct {
 	proc     string
@@ -85,8 +115,12 @@ type pauseRec struct {
 
 type killRec struct {
 	proc string
-	t    int64 // after the process was reaped
-	iv   *interval
+	t    int64       // when the signal was sent
+	held []*interval // what it held at its death
+	// waited: the keys it waited for at its death; head, if the waiting
+	// view showed it first in the queue of that key just before the kill.
+	waited []string
+	head   string
 }
 
 // holderProc is one running helper process.
@@ -105,6 +139,9 @@ type holderProc struct {
 	bye      bool
 	leak     string
 	paused   bool
+	// What its death ended (set by died).
+	diedHolding []*interval
+	diedWaiting *wait
 }
 
 // run is one scenario: its processes, what they reported, and the checks.
@@ -125,7 +162,7 @@ type run struct {
 	procs        []*holderProc
 	byName       map[string]*holderProc
 	intervals    []*interval
-	open         map[string]*interval // by process
+	open         map[string][]*interval // by process: one, or a set's
 	byToken      map[int64]*interval
 	sections     map[string]*section
 	sectionSeq   []*section
@@ -141,6 +178,7 @@ type run struct {
 	violations   []string
 	extra        []string
 	orphanSeen   map[int64]int64
+	waiterSeen   map[string]int64 // stale waiter rows: first seen, by proc and key
 	reported     map[string]bool
 	onRead       func(hp *holderProc, ev Event) // fault hook, called with mu held
 	// bg lives until the checks begin, for what runs beside the processes
@@ -156,11 +194,12 @@ func newRun(t *testing.T, c *pgtest.Cluster, bin, name string, p params) *run {
 		schema:     "torture_" + name,
 		dir:        t.TempDir(),
 		byName:     map[string]*holderProc{},
-		open:       map[string]*interval{},
+		open:       map[string][]*interval{},
 		byToken:    map[int64]*interval{},
 		sections:   map[string]*section{},
 		waiting:    map[string]*wait{},
 		orphanSeen: map[int64]int64{},
+		waiterSeen: map[string]int64{},
 		reported:   map[string]bool{},
 	}
 	pgtest.DropSchema(t, c, r.schema) // a previous run killed half-way
@@ -175,11 +214,20 @@ func newRun(t *testing.T, c *pgtest.Cluster, bin, name string, p params) *run {
 		-- must both be recorded to be found.
 		CREATE TABLE `+s+`.torture_log (section text PRIMARY KEY, key text NOT NULL, token bigint NOT NULL,
 			n bigint NOT NULL, prev_token bigint NOT NULL, proc text NOT NULL,
-			committed_at timestamptz NOT NULL DEFAULT clock_timestamp())`); err != nil {
+			committed_at timestamptz NOT NULL DEFAULT clock_timestamp());
+		-- Readers' fenced reads: the counter value and the reader's token.
+		CREATE TABLE `+s+`.torture_reads (section text PRIMARY KEY, key text NOT NULL, token bigint NOT NULL,
+			n bigint NOT NULL, proc text NOT NULL, committed_at timestamptz NOT NULL DEFAULT clock_timestamp())`); err != nil {
 		t.Fatal(err)
 	}
 	for k := 0; k < p.keys; k++ {
-		if _, err := r.admin.Exec(ctx, `INSERT INTO `+s+`.torture_counter VALUES ($1, 0, 0)`, fmt.Sprintf("k%d", k)); err != nil {
+		// A semaphore's slots have counters of their own: up to twice its
+		// permits, for a holder sabotaged into asking for that many.
+		ckeys := []string{fmt.Sprintf("k%d", k)}
+		for slot := 1; slot <= 2*p.permits; slot++ {
+			ckeys = append(ckeys, fmt.Sprintf("k%d/%d", k, slot))
+		}
+		if _, err := r.admin.Exec(ctx, `INSERT INTO `+s+`.torture_counter SELECT unnest($1::text[]), 0, 0`, ckeys); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -229,6 +277,10 @@ func (r *run) start(viaProxy bool) *holderProc {
 		"-seed", strconv.FormatUint(rand.Uint64(), 10))
 	if r.p.mode != "" {
 		cmd.Args = append(cmd.Args, "-mode", r.p.mode, "-check", r.p.check.String())
+	}
+	if r.p.kind != "" {
+		cmd.Args = append(cmd.Args, "-kind", r.p.kind, "-readers", strconv.FormatFloat(r.p.readers, 'f', -1, 64),
+			"-permits", strconv.Itoa(r.p.permits))
 	}
 	cmd.Args = append(cmd.Args, r.p.sabotage...)
 	hp := &holderProc{name: name, cmd: cmd, viaProxy: viaProxy, exited: make(chan struct{}),
@@ -282,15 +334,21 @@ func (r *run) read(hp *holderProc, stdout io.Reader) {
 
 // died closes what the process left open: its belief ends at its death.
 func (r *run) died(hp *holderProc, now int64) {
-	if iv := r.open[hp.name]; iv != nil {
+	for _, iv := range r.open[hp.name] {
+		end := now
 		if hp.killT != 0 {
-			now = max(hp.killT, iv.start)
+			end = max(hp.killT, iv.start)
 		}
-		iv.end, iv.killed = now, true
-		delete(r.open, hp.name)
+		iv.end, iv.killed = end, true
+		hp.diedHolding = append(hp.diedHolding, iv)
 	}
+	delete(r.open, hp.name)
 	if w := r.waiting[hp.name]; w != nil {
-		w.to = now
+		w.to, w.died = now, true
+		if hp.killT != 0 {
+			w.to = max(hp.killT, w.from)
+		}
+		hp.diedWaiting = w
 		delete(r.waiting, hp.name)
 	}
 }
@@ -300,7 +358,11 @@ func (r *run) record(hp *holderProc, ev Event) {
 	defer r.mu.Unlock()
 	switch ev.Ev {
 	case EvAcquiring:
-		w := &wait{proc: hp.name, key: ev.Key, from: ev.T}
+		keys := ev.Keys
+		if len(keys) == 0 {
+			keys = []string{ev.Key}
+		}
+		w := &wait{proc: hp.name, keys: keys, from: ev.T}
 		r.waits = append(r.waits, w)
 		r.waiting[hp.name] = w
 	case EvAcquired, EvAcquireError:
@@ -312,15 +374,19 @@ func (r *run) record(hp *holderProc, ev Event) {
 			r.acqErrors++
 			return
 		}
-		if prev := r.open[hp.name]; prev != nil {
-			r.violateLocked("%s: acquired %s token %d while still holding %s token %d", hp.name, ev.Key, ev.Token, prev.key, prev.token)
+		for _, prev := range r.open[hp.name] {
+			if ev.Set == "" || prev.set != ev.Set {
+				r.violateLocked("%s: acquired %s token %d while still holding %s token %d", hp.name, ev.Key, ev.Token, prev.key, prev.token)
+				break
+			}
 		}
 		if r.byToken[ev.Token] != nil {
 			r.violateLocked("%s: token %d handed out twice", hp.name, ev.Token)
 		}
-		iv := &interval{proc: hp.name, key: ev.Key, token: ev.Token, start: ev.T, at: ev.At, adv: ev.Adv}
+		iv := &interval{proc: hp.name, key: ev.Key, token: ev.Token, start: ev.T, at: ev.At, adv: ev.Adv,
+			kind: ev.Kind, slot: ev.Slot, permits: ev.Permits, set: ev.Set}
 		r.intervals = append(r.intervals, iv)
-		r.open[hp.name] = iv
+		r.open[hp.name] = append(r.open[hp.name], iv)
 		r.byToken[ev.Token] = iv
 	case EvRead:
 		s := &section{id: ev.Section, proc: hp.name, key: ev.Key, token: ev.Token, readT: ev.T}
@@ -336,7 +402,7 @@ func (r *run) record(hp *holderProc, ev Event) {
 			r.sections[s.id] = s
 			r.sectionSeq = append(r.sectionSeq, s)
 		}
-		s.outcome, s.raw, s.endT = ev.Outcome, ev.Raw, ev.T
+		s.outcome, s.raw, s.read, s.endT = ev.Outcome, ev.Raw, ev.Read, ev.T
 	case EvLost:
 		if iv := r.byToken[ev.Token]; iv != nil && iv.lostT == 0 {
 			iv.lostT, iv.lostWhy = ev.T, ev.Reason
@@ -348,7 +414,9 @@ func (r *run) record(hp *holderProc, ev Event) {
 			return
 		}
 		iv.end = ev.T
-		if r.open[hp.name] == iv {
+		if open := slices.DeleteFunc(r.open[hp.name], func(x *interval) bool { return x == iv }); len(open) > 0 {
+			r.open[hp.name] = open
+		} else {
 			delete(r.open, hp.name)
 		}
 	case EvReleased:
@@ -362,7 +430,11 @@ func (r *run) record(hp *holderProc, ev Event) {
 }
 
 // kill sends SIGKILL and waits until the process is reaped.
-func (r *run) kill(hp *holderProc) {
+func (r *run) kill(hp *holderProc) { r.killHead(hp, "") }
+
+// killHead is kill of a process that the waiting view showed first in the
+// queue of key head (none if empty).
+func (r *run) killHead(hp *holderProc, head string) {
 	r.mu.Lock()
 	hp.killed = true
 	// A process cannot act after SIGKILL: its belief ends at the signal (its
@@ -375,17 +447,15 @@ func (r *run) kill(hp *holderProc) {
 	<-hp.exited
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	// The interval it held (closed at its death by died), if any.
-	var held *interval
-	for i := len(r.intervals) - 1; i >= 0; i-- {
-		if iv := r.intervals[i]; iv.proc == hp.name {
-			if iv.killed {
-				held = iv
-			}
-			break
+	// What it held or waited for (closed at its death by died).
+	k := killRec{proc: hp.name, t: hp.killT, held: hp.diedHolding}
+	if w := hp.diedWaiting; w != nil {
+		k.waited = w.keys
+		if w.wants(head) {
+			k.head = head
 		}
 	}
-	r.kills = append(r.kills, killRec{proc: hp.name, t: hp.killT, iv: held})
+	r.kills = append(r.kills, k)
 	r.faults++
 }
 
@@ -449,7 +519,10 @@ func (r *run) live() []*holderProc {
 
 // monitor checks the database while the scenario runs: a lock row of a live
 // holder that no process believes it holds (an orphan) must not outlive the
-// TTL, and with reapers running, no dead row outlives reapBound.
+// TTL, nor may a waiter row of a live holder whose process does not wait for
+// the key (an acquirer that gave up, or one that died: its holder must expire
+// within the TTL of its death); and with reapers running, no dead row
+// outlives reapBound.
 func (r *run) monitor(ctx context.Context) {
 	s := pgx.Identifier{r.schema}.Sanitize()
 	q := `SELECT l.token, l.entity_id, coalesce(h.expires_at > clock_timestamp(), false),
@@ -459,6 +532,7 @@ func (r *run) monitor(ctx context.Context) {
 			coalesce(string_agg(format('%s (%s, expired %s ago, %s locks)', id, application, clock_timestamp() - expires_at,
 				(SELECT count(*) FROM ` + s + `.locks l WHERE l.holder_id = h.id)), ', '), '')
 		FROM ` + s + `.holders h WHERE expires_at < clock_timestamp()`
+	qw := `SELECT entity_id, coalesce(application, ''), position FROM ` + s + `.waiting WHERE alive`
 	tick := time.NewTicker(100 * time.Millisecond)
 	defer tick.Stop()
 	for {
@@ -487,6 +561,24 @@ func (r *run) monitor(ctx context.Context) {
 			}
 		}
 		err = rows.Err()
+		type waiterRow struct {
+			key, proc string
+			position  int64
+		}
+		var waiters []waiterRow
+		if err == nil {
+			var wrows pgx.Rows
+			if wrows, err = r.admin.Query(qctx, qw); err == nil {
+				for wrows.Next() {
+					var x waiterRow
+					if err := wrows.Scan(&x.key, &x.proc, &x.position); err == nil {
+						x.proc = strings.TrimPrefix(x.proc, "torture-")
+						waiters = append(waiters, x)
+					}
+				}
+				err = wrows.Err()
+			}
+		}
 		var deadHolder float64
 		var deadWhich string
 		if err == nil && r.p.reapBound > 0 {
@@ -528,6 +620,34 @@ func (r *run) monitor(ctx context.Context) {
 		for tok := range r.orphanSeen {
 			if !present[tok] {
 				delete(r.orphanSeen, tok)
+			}
+		}
+		seenWaiters := map[string]bool{}
+		for _, x := range waiters {
+			id := x.proc + " " + x.key
+			seenWaiters[id] = true
+			if w := r.waiting[x.proc]; w != nil && w.wants(x.key) {
+				delete(r.waiterSeen, id)
+				continue
+			}
+			if hp := r.byName[x.proc]; hp != nil && hp.killed && now-hp.killT > orphanBound && !r.reported["deadwaiter"+id] {
+				r.reported["deadwaiter"+id] = true
+				r.violateLocked("waiting: %s, killed at %s, is still a live waiter of %s (position %d) %s after its death",
+					x.proc, r.since(hp.killT), x.key, x.position, time.Duration(now-hp.killT).Round(time.Millisecond))
+				continue
+			}
+			first, ok := r.waiterSeen[id]
+			if !ok {
+				r.waiterSeen[id] = now
+			} else if now-first > orphanBound && !r.reported["waiter"+id] {
+				r.reported["waiter"+id] = true
+				r.violateLocked("waiting: %s does not wait for %s, but a live waiter row of its holder has been there for over %s (position %d)",
+					x.proc, x.key, time.Duration(now-first).Round(time.Millisecond), x.position)
+			}
+		}
+		for id := range r.waiterSeen {
+			if !seenWaiters[id] {
+				delete(r.waiterSeen, id)
 			}
 		}
 		if r.p.reapBound > 0 && deadHolder > r.p.reapBound.Seconds() && !r.reported["deadholder"] {

@@ -24,6 +24,15 @@
 //     connection check after the suite dropped that connection, and no
 //     longer.
 //
+// Lock kinds (holder flag -kind) widen both oracles. Shared locks: readers
+// read the counter in a transaction fenced with their shared lock and log
+// what they read; a fenced read must see exactly the writes of the key whose
+// tokens are smaller than the reader's (A), and only readers' intervals may
+// overlap each other (B). Semaphores: each permit's slot has a counter of its
+// own, fenced like a lock's (A), and at most N permit intervals of a key
+// overlap at any instant (B). Key sets: every member is judged per key like a
+// single lock, writes and reads alike.
+//
 // Run the short mode with plain go test; the long mode with
 //
 //	go test ./internal/torture/ -run Torture -torture.long -timeout 60m -v
@@ -62,7 +71,9 @@ const (
 	// EvAcquireError: Acquire failed (Err). Not a violation by itself.
 	EvAcquireError = "acquire_error"
 	// EvRead: a section read the counter (N) and is about to wait before its
-	// fenced write. The suite pauses victims on this event.
+	// fenced write. The suite pauses victims on this event. A reader's
+	// section starts with it too (N 0: the read that counts is the fenced
+	// one, logged in the reads table).
 	EvRead = "read"
 	// EvSection: a section ended with Outcome.
 	EvSection = "section"
@@ -94,6 +105,14 @@ const (
 	OutcomeUnknown = "unknown"
 )
 
+// Kinds of a grant, in EvAcquired and EvAcquiring (the codes of the locks
+// table).
+const (
+	KindExclusive = "x"
+	KindShared    = "s"
+	KindPermit    = "p"
+)
+
 // Release results in EvEnd.
 const (
 	ReleaseOK    = "ok"    // the row was deleted
@@ -103,22 +122,29 @@ const (
 
 // Event is one line of a holder's output, JSON-encoded.
 type Event struct {
-	Ev      string `json:"ev"`
-	Proc    string `json:"proc,omitempty"`
-	PID     int    `json:"pid,omitempty"`
-	Key     string `json:"key,omitempty"`
-	Token   int64  `json:"tok,omitempty"`
-	T       int64  `json:"t,omitempty"`
-	At      int64  `json:"at,omitempty"` // Lock.AcquiredAt, Unix microseconds (database clock)
-	Section string `json:"sec,omitempty"`
-	N       int64  `json:"n,omitempty"`
-	Outcome string `json:"out,omitempty"`
-	Raw     bool   `json:"raw,omitempty"` // the section fenced with the SQL function, not Lock.Fence
-	Adv     bool   `json:"adv,omitempty"` // on the advisory path
-	Release string `json:"rel,omitempty"`
-	Err     string `json:"err,omitempty"`
-	Leak    string `json:"leak,omitempty"`
-	Reason  string `json:"why,omitempty"` // EvLost: the LossReason the client reported
+	Ev   string `json:"ev"`
+	Proc string `json:"proc,omitempty"`
+	PID  int    `json:"pid,omitempty"`
+	Key  string `json:"key,omitempty"`
+	// Keys: the keys of a set (EvAcquiring of a key set); Key is then empty.
+	Keys    []string `json:"keys,omitempty"`
+	Kind    string   `json:"kind,omitempty"`    // Kind*: of the grant (EvAcquired), or of a single-key request (EvAcquiring)
+	Slot    int      `json:"slot,omitempty"`    // a permit's slot, 1 to Permits
+	Permits int      `json:"permits,omitempty"` // a semaphore's N, as the holder believes it
+	Set     string   `json:"set,omitempty"`     // the key set a grant belongs to (EvAcquired)
+	Token   int64    `json:"tok,omitempty"`
+	T       int64    `json:"t,omitempty"`
+	At      int64    `json:"at,omitempty"` // Lock.AcquiredAt, Unix microseconds (database clock)
+	Section string   `json:"sec,omitempty"`
+	N       int64    `json:"n,omitempty"`
+	Outcome string   `json:"out,omitempty"`
+	Raw     bool     `json:"raw,omitempty"` // the section fenced with the SQL function, not Lock.Fence
+	Read    bool     `json:"ro,omitempty"`  // the section is a fenced read (reads table), not a write
+	Adv     bool     `json:"adv,omitempty"` // on the advisory path
+	Release string   `json:"rel,omitempty"`
+	Err     string   `json:"err,omitempty"`
+	Leak    string   `json:"leak,omitempty"`
+	Reason  string   `json:"why,omitempty"` // EvLost: the LossReason the client reported
 }
 
 // Writer writes events as JSON lines, one write per line, so that a line is

@@ -46,11 +46,7 @@ type scenario struct {
 
 var scenarios = []scenario{
 	{"kill", nil, faultKill},
-	{"pause", func(p *params) {
-		p.rawFence = 1 // a paused holder writes without asking the client first
-		p.workMin, p.work = 100*time.Millisecond, 200*time.Millisecond
-		p.noLoss = true
-	}, faultPause},
+	{"pause", pausing, faultPause},
 	{"terminate", func(p *params) { p.noLoss = true }, faultTerminate},
 	{"restart", nil, faultRestart},
 	{"network", func(p *params) { p.proxied = p.procs / 2 }, faultNetwork},
@@ -61,9 +57,50 @@ var scenarios = []scenario{
 	{"mixed-kill", mixed, faultKill},
 	{"mixed-terminate", mixed, faultTerminate},
 	{"mixed-restart", mixed, faultRestart},
+	// 9. Lock kinds: shared locks (readers and writers on the same keys),
+	// semaphore permits, and key sets (2 to 4 keys, some members shared,
+	// with single keys among them), under kills of holders and of waiters
+	// at the head of a queue, pauses and restarts.
+	{"shared-kill", kinds("shared", mixed), faultKillKinds},
+	{"shared-pause", kinds("shared", pausing), faultPause},
+	{"semaphore-kill", kinds("semaphore", nil), faultKillKinds},
+	{"semaphore-restart", kinds("semaphore", nil), faultRestart},
+	{"sets-kill", kinds("set", nil), faultKillKinds},
+	{"sets-pause", kinds("set", pausing), faultPause},
 }
 
 func mixed(p *params) { p.mode = "mixed" }
+
+func pausing(p *params) {
+	p.rawFence = 1 // a paused holder writes without asking the client first
+	p.workMin, p.work = 100*time.Millisecond, 200*time.Millisecond
+	p.noLoss = true
+}
+
+// kinds adjusts a scenario to lock kind kind (holder flag -kind), then by
+// also. Its keys are few, so that readers share them, semaphores fill up and
+// queues form; outside the long mode it runs for half the time of the
+// others.
+func kinds(kind string, also func(p *params)) func(p *params) {
+	return func(p *params) {
+		p.kind, p.readers, p.permits = kind, 0.6, 2
+		switch kind {
+		case "set":
+			p.keys = 4
+		default:
+			p.keys = 1
+		}
+		if long() {
+			p.keys++
+			p.permits = 3
+		} else {
+			p.dur /= 2
+		}
+		if also != nil {
+			also(p)
+		}
+	}
+}
 
 func TestTorture(t *testing.T) {
 	bin := buildHolder(t)
@@ -183,23 +220,55 @@ func (r *run) check() []string {
 	if rows.Err() != nil {
 		t.Fatal(rows.Err())
 	}
+	rows, err = r.admin.Query(ctx, `SELECT section, key, proc, token, n,
+		(extract(epoch FROM committed_at) * 1000000)::bigint FROM `+s+`.torture_reads`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var reads []readRow
+	for rows.Next() {
+		var x readRow
+		if err := rows.Scan(&x.section, &x.key, &x.proc, &x.token, &x.n, &x.committedAt); err != nil {
+			t.Fatal(err)
+		}
+		reads = append(reads, x)
+	}
+	if rows.Err() != nil {
+		t.Fatal(rows.Err())
+	}
+	end, deadWaiters := r.endState(ctx)
+	r.extra = append(r.extra, fmt.Sprintf(" end_dead_waiters=%d", deadWaiters))
 
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	var v []string
 	v = append(v, r.violations...)
+	v = append(v, end...)
 	v = append(v, checkCounter(counter, log, r.sectionSeq)...)
+	v = append(v, checkReads(reads, log, r.intervals, r.sectionSeq)...)
 	v = append(v, checkTokens(r.intervals)...)
 	v = append(v, checkFenceOrder(log, r.intervals)...)
 	iv, excused := checkIntervals(r.intervals, r.pauses, r.drops, r.p.check+grace)
 	v = append(v, iv...)
+	pv, excusedPermits, peak := checkPermits(r.intervals, r.pauses, r.drops, r.p.check+grace)
+	v = append(v, pv...)
 	bound := r.p.ttl + r.p.poll + grace
-	hv, handoffs, slowest := checkHandoff(r.kills, r.intervals, r.waits, r.p.ttl, bound, r.end)
+	hv, held, head := checkHandoff(r.kills, r.intervals, r.waits, r.p.ttl, bound, r.end)
 	v = append(v, hv...)
 	if len(r.kills) > 0 {
 		r.extra = append(r.extra, fmt.Sprintf(" kills_holding=%d handed_over=%d slowest_handover=%s",
-			countHeld(r.kills), handoffs, slowest.Round(time.Millisecond)))
+			countHeld(r.kills), held.passed, held.slowest.Round(time.Millisecond)))
 	}
+	if r.p.waiterKills {
+		// A waiter killed at the head of its key's queue keeps its place
+		// until its lease runs out: then the key passes on.
+		r.extra = append(r.extra, fmt.Sprintf(" head_waiter_kills=%d passed_on=%d slowest_passon=%s",
+			head.keys, head.passed, head.slowest.Round(time.Millisecond)))
+		if head.keys == 0 {
+			v = append(v, "kill: no waiter was killed at the head of a queue: the scenario did not exercise the queue")
+		}
+	}
+	v = append(v, r.kindFigures(reads, peak, excusedPermits)...)
 	rejected, fencedInDB := lateWrites(r.sectionSeq, r.pauses)
 
 	// Losses. Where noLoss is set, a process that was not paused must never
@@ -299,6 +368,115 @@ func (r *run) check() []string {
 	return v
 }
 
+// endState checks what the processes left in the database once they are all
+// gone: when every holder's lease has run out (at most a TTL after the last
+// process exited), nothing is held and the waiting view shows no live
+// waiter; reap_holders and reap_locks then leave no holder, lock or waiter
+// row at all. It returns the violations and how many dead waiter rows there
+// were before the reap.
+func (r *run) endState(ctx context.Context) ([]string, int) {
+	s := pgx.Identifier{r.schema}.Sanitize()
+	var v []string
+	var live int
+	for deadline := time.Now().Add(r.p.ttl + grace); ; {
+		err := r.admin.QueryRow(ctx, `SELECT count(*) FROM `+s+`.holders WHERE expires_at > clock_timestamp()`).Scan(&live)
+		if err == nil && live == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			v = append(v, fmt.Sprintf("end: %d holder rows still live %s after every process was gone (err %v)", live, r.p.ttl+grace, err))
+			break
+		}
+		time.Sleep(50 * time.Millisecond) // until the leases have run out, on the database clock
+	}
+	var heldAlive, waitAlive, waitDead int
+	if err := r.admin.QueryRow(ctx, `SELECT (SELECT count(*) FROM `+s+`.held WHERE alive),
+			(SELECT count(*) FROM `+s+`.waiting WHERE alive), (SELECT count(*) FROM `+s+`.waiting WHERE NOT alive)`).
+		Scan(&heldAlive, &waitAlive, &waitDead); err != nil {
+		return append(v, fmt.Sprintf("end: read the held and waiting views: %v", err)), 0
+	}
+	if heldAlive > 0 {
+		v = append(v, fmt.Sprintf("end: %d locks still held once every process was gone and its lease had run out", heldAlive))
+	}
+	if waitAlive > 0 {
+		v = append(v, fmt.Sprintf("end: the waiting view shows %d live waiters once every process was gone and its lease had run out", waitAlive))
+	}
+	var holders, locks, waiters int
+	if _, err := r.admin.Exec(ctx, `SELECT `+s+`.reap_holders(1000)`); err != nil {
+		return append(v, fmt.Sprintf("end: reap_holders: %v", err)), waitDead
+	}
+	if _, err := r.admin.Exec(ctx, `SELECT * FROM `+s+`.reap_locks(1000)`); err != nil {
+		return append(v, fmt.Sprintf("end: reap_locks: %v", err)), waitDead
+	}
+	if err := r.admin.QueryRow(ctx, `SELECT (SELECT count(*) FROM `+s+`.holders), (SELECT count(*) FROM `+s+`.locks),
+			(SELECT count(*) FROM `+s+`.waiting)`).Scan(&holders, &locks, &waiters); err != nil {
+		return append(v, fmt.Sprintf("end: count what is left: %v", err)), waitDead
+	}
+	if holders+locks+waiters > 0 {
+		v = append(v, fmt.Sprintf("end: after reap_holders and reap_locks, %d holder rows, %d lock rows and %d waiters (view waiting) are left",
+			holders, locks, waiters))
+	}
+	return v, waitDead
+}
+
+// kindFigures adds the scenario's figures of its lock kind to its line, and
+// returns a violation for a scenario that did not exercise its kind: readers
+// that never shared a key, a semaphore never full, no key set of two keys or
+// more (r.mu held).
+func (r *run) kindFigures(reads []readRow, peak, excusedPermits int) []string {
+	var v []string
+	switch r.p.kind {
+	case "shared", "set":
+		shared, overlaps := 0, 0
+		for i, a := range r.intervals {
+			if a.kind != KindShared {
+				continue
+			}
+			shared++
+			for _, b := range r.intervals[i+1:] {
+				if b.kind == KindShared && b.key == a.key && b.proc != a.proc && b.start < a.end && a.start < b.end {
+					overlaps++
+				}
+			}
+		}
+		r.extra = append(r.extra, fmt.Sprintf(" kind=%s shared_acquired=%d readers_overlapping=%d reads=%d",
+			r.p.kind, shared, overlaps, len(reads)))
+		if overlaps == 0 {
+			v = append(v, "shared: no two readers ever held a key at once: the scenario did not exercise shared locks")
+		}
+		if len(reads) == 0 {
+			v = append(v, "shared: no fenced read committed: the scenario did not exercise readers")
+		}
+	case "semaphore":
+		r.extra = append(r.extra, fmt.Sprintf(" kind=semaphore permits=%d most_permits_in_use=%d excused_permit_overlaps=%d",
+			r.p.permits, peak, excusedPermits))
+		if peak < r.p.permits {
+			v = append(v, fmt.Sprintf("semaphore: never more than %d of %d permits in use: the scenario did not exercise the semaphore",
+				peak, r.p.permits))
+		}
+	}
+	if r.p.kind == "set" {
+		sets, sharedMembers := map[string]int{}, 0
+		for _, iv := range r.intervals {
+			if iv.set != "" {
+				sets[iv.set]++
+				if iv.kind == KindShared {
+					sharedMembers++
+				}
+			}
+		}
+		largest := 0
+		for _, n := range sets {
+			largest = max(largest, n)
+		}
+		r.extra = append(r.extra, fmt.Sprintf(" sets=%d largest_set=%d shared_members=%d", len(sets), largest, sharedMembers))
+		if largest < 2 || sharedMembers == 0 {
+			v = append(v, "sets: no key set of two keys or more with a shared member was acquired: the scenario did not exercise key sets")
+		}
+	}
+	return v
+}
+
 // fail fails the test with the violations, and shows the holders' logs.
 func (r *run) fail(v []string) {
 	t := r.t
@@ -325,7 +503,7 @@ func (r *run) fail(v []string) {
 func countHeld(kills []killRec) int {
 	n := 0
 	for _, k := range kills {
-		if k.iv != nil {
+		if len(k.held) > 0 {
 			n++
 		}
 	}
@@ -357,6 +535,15 @@ func sleep(ctx context.Context, d time.Duration) bool {
 	}
 }
 
+func scenarioNamed(name string) scenario {
+	for _, sc := range scenarios {
+		if sc.name == name {
+			return sc
+		}
+	}
+	panic("no scenario " + name)
+}
+
 func between(lo, hi time.Duration) time.Duration { return lo + rand.N(hi-lo+1) }
 
 func pick(procs []*holderProc) *holderProc { return procs[rand.IntN(len(procs))] }
@@ -365,36 +552,92 @@ func pick(procs []*holderProc) *holderProc { return procs[rand.IntN(len(procs))]
 // Two kills in three hit a process that holds a lock, when there is one.
 func faultKill(ctx context.Context, r *run) {
 	for sleep(ctx, between(r.p.ttl/6, r.p.ttl/2)) {
-		live := r.live()
-		if len(live) == 0 {
-			continue
-		}
-		if rand.IntN(3) > 0 {
-			r.mu.Lock()
-			var holding []*holderProc
-			for _, hp := range live {
-				if r.open[hp.name] != nil {
-					holding = append(holding, hp)
-				}
-			}
-			r.mu.Unlock()
-			if len(holding) > 0 {
-				live = holding
-			}
-		}
-		hp := pick(live)
-		r.kill(hp)
-		r.start(hp.viaProxy)
+		r.killOne()
 	}
+}
+
+// killOne kills a live process, one that holds a lock two times in three,
+// and starts another.
+func (r *run) killOne() {
+	live := r.live()
+	if len(live) == 0 {
+		return
+	}
+	if rand.IntN(3) > 0 {
+		r.mu.Lock()
+		var holding []*holderProc
+		for _, hp := range live {
+			if len(r.open[hp.name]) > 0 {
+				holding = append(holding, hp)
+			}
+		}
+		r.mu.Unlock()
+		if len(holding) > 0 {
+			live = holding
+		}
+	}
+	hp := pick(live)
+	r.kill(hp)
+	r.start(hp.viaProxy)
+}
+
+// 9. SIGKILL as in faultKill, and every other time of the waiter at the head
+// of a key's queue, with another waiter behind it, as the waiting view shows
+// them (when a queue forms within half a TTL): a dead waiter keeps its place
+// until its lease runs out, and then the key must pass on.
+func faultKillKinds(ctx context.Context, r *run) {
+	r.p.waiterKills = true // the checks judge what it did
+	for i := 0; sleep(ctx, between(r.p.ttl/6, r.p.ttl/2)); i++ {
+		if i%2 == 1 {
+			if hp, key := r.headWaiter(ctx, r.p.ttl/2); hp != nil {
+				r.killHead(hp, key)
+				r.start(hp.viaProxy)
+				continue
+			}
+		}
+		r.killOne()
+	}
+}
+
+// headWaiter looks, for up to d, for a live process of the scenario that
+// heads the queue of a key (among live waiters, in the waiting view) with
+// another live waiter behind it, and still waits for that key.
+func (r *run) headWaiter(ctx context.Context, d time.Duration) (*holderProc, string) {
+	s := pgx.Identifier{r.schema}.Sanitize()
+	for deadline := time.Now().Add(d); time.Now().Before(deadline) && ctx.Err() == nil; {
+		qctx, cancel := context.WithTimeout(ctx, time.Second)
+		var key, app string
+		err := r.admin.QueryRow(qctx, `SELECT entity_id, application FROM (
+				SELECT entity_id, application,
+				       row_number() OVER (PARTITION BY name, entity_id ORDER BY waiter_id) AS place,
+				       count(*) OVER (PARTITION BY name, entity_id) AS queued
+				  FROM `+s+`.waiting WHERE alive) q
+			 WHERE place = 1 AND queued > 1 AND application LIKE $1 ORDER BY random() LIMIT 1`,
+			"torture-"+r.name+"-%").Scan(&key, &app)
+		cancel()
+		if err == nil {
+			name := strings.TrimPrefix(app, "torture-")
+			r.mu.Lock()
+			hp := r.byName[name]
+			w := r.waiting[name]
+			ok := hp != nil && !hp.killed && !hp.paused && !hp.stopped && w != nil && w.wants(key)
+			r.mu.Unlock()
+			if ok {
+				return hp, key
+			}
+		}
+		time.Sleep(20 * time.Millisecond) // polling the waiting view for a queue to form
+	}
+	return nil, ""
 }
 
 // 2. SIGSTOP of a holder for longer than its TTL, then SIGCONT. Most victims
 // are stopped right after a section read the counter, so that they resume
 // into their fenced write; the others at a random moment.
 func faultPause(ctx context.Context, r *run) {
-	for sleep(ctx, between(r.p.ttl/4, r.p.ttl/2)) {
+	for i := 0; sleep(ctx, between(r.p.ttl/4, r.p.ttl/2)); i++ {
 		var hp *holderProc
-		if rand.IntN(4) > 0 {
+		if i == 0 || rand.IntN(4) > 0 { // the first always: a short run may have room for one pause only
 			got := make(chan *holderProc, 1)
 			r.mu.Lock()
 			r.onRead = func(x *holderProc, _ Event) {
@@ -560,8 +803,8 @@ func faultNetwork(ctx context.Context, r *run) {
 func (r *run) waitHolding(viaProxy bool, d time.Duration) {
 	for deadline := time.Now().Add(d); time.Now().Before(deadline); {
 		r.mu.Lock()
-		for name, iv := range r.open {
-			if hp := r.byName[name]; hp != nil && hp.viaProxy == viaProxy && iv != nil {
+		for name, open := range r.open {
+			if hp := r.byName[name]; hp != nil && hp.viaProxy == viaProxy && len(open) > 0 {
 				r.mu.Unlock()
 				return
 			}
@@ -644,8 +887,8 @@ func TestOraclesCatchSabotage(t *testing.T) {
 		flag   string
 		oracle string
 	}{
-		{scenarios[1], "-sabotage-unfenced", "A:"},
-		{scenarios[4], "-sabotage-ignore-loss", "B:"},
+		{scenarioNamed("pause"), "-sabotage-unfenced", "A:"},
+		{scenarioNamed("network"), "-sabotage-ignore-loss", "B:"},
 	} {
 		t.Run(tc.sc.name+tc.flag, func(t *testing.T) {
 			// One key: whatever a sabotaged holder keeps believing in, the
