@@ -49,7 +49,7 @@ type config struct {
 	permits           int     // a semaphore's N (kind semaphore)
 	// Sabotage, for checking that the oracles catch what they should.
 	unfenced, ignoreLoss bool
-	readerWrites         bool // a reader writes, as if it held the key exclusively
+	readerWrites         bool // a reader writes now and then, as if it held the key exclusively
 	overPermits          bool // ask for twice the permits the holder reports
 }
 
@@ -71,7 +71,7 @@ func main() {
 	flag.StringVar(&cfg.kind, "kind", "exclusive", "exclusive; shared (readers and writers); semaphore (permits); set (key sets of 2-4 keys, some members shared, and single keys)")
 	flag.Float64Var(&cfg.readers, "readers", 0.6, "share of shared requests, of kinds shared and set")
 	flag.IntVar(&cfg.permits, "permits", 2, "permits of each semaphore key (kind semaphore)")
-	flag.BoolVar(&cfg.readerWrites, "sabotage-reader-writes", false, "readers increment the counter under their shared lock (oracle A must catch it)")
+	flag.BoolVar(&cfg.readerWrites, "sabotage-reader-writes", false, "readers increment the counter under their shared lock in every other section, at random (oracle A must catch it)")
 	flag.BoolVar(&cfg.overPermits, "sabotage-over-permits", false, "ask for twice the permits reported (oracle B must catch it)")
 	flag.BoolVar(&cfg.unfenced, "sabotage-unfenced", false, "write without any fence (oracle A must catch it)")
 	flag.BoolVar(&cfg.ignoreLoss, "sabotage-ignore-loss", false, "keep believing after Done closes (oracle B must catch it)")
@@ -417,8 +417,11 @@ func (p *proc) section(gs []*grant) {
 	secs := make([]torture.Event, len(gs))
 	ns := make([]int64, len(gs))
 	for i, g := range gs {
+		// A shared lock's section reads, unless the holder is sabotaged
+		// into writing with it now and then.
+		read := g.kind == torture.KindShared && !(p.cfg.readerWrites && p.rng.IntN(2) == 0)
 		secs[i] = torture.Event{Ev: torture.EvSection, Proc: p.cfg.proc, Key: g.key, Token: g.l.Token(), Section: id, Raw: raw,
-			Read: p.reads(g)}
+			Read: read}
 		if len(gs) > 1 {
 			secs[i].Section = id + "@" + g.key
 		}
@@ -431,7 +434,7 @@ func (p *proc) section(gs []*grant) {
 		}
 	}
 	for i, g := range gs {
-		if p.reads(g) {
+		if secs[i].Read {
 			continue
 		}
 		if err := p.pool.QueryRow(ctx, `SELECT n FROM `+p.table("counter")+` WHERE key = $1`, g.ckey()).Scan(&ns[i]); err != nil {
@@ -448,15 +451,11 @@ func (p *proc) section(gs []*grant) {
 	emit(p.write(ctx, gs, secs, ns, raw))
 }
 
-// reads reports whether g's sections read rather than write: a shared lock's,
-// unless the holder is sabotaged into writing with it.
-func (p *proc) reads(g *grant) bool { return g.kind == torture.KindShared && !p.cfg.readerWrites }
-
 // work is a section's transaction: each grant's write or read.
 func (p *proc) work(ctx context.Context, tx pgx.Tx, gs []*grant, secs []torture.Event, ns []int64) (string, error) {
 	for i, g := range gs {
 		var err error
-		if p.reads(g) {
+		if secs[i].Read {
 			err = p.logRead(ctx, tx, g, secs[i].Section)
 		} else {
 			err = p.update(ctx, tx, g, secs[i].Section, ns[i])

@@ -7,8 +7,10 @@
 //
 // To recognise an acquire it follows the PostgreSQL wire protocol far enough
 // to frame messages: a Parse or simple Query whose text calls the SQL function
-// acquire, the Bind of such a statement, and the server's reply up to its
-// ReadyForQuery.
+// acquire (of schema versions up to 5) or acquire_keys (version 6, which the
+// client calls for every table-path acquire), the Bind of such a statement,
+// and the server's reply up to its ReadyForQuery. Both return whether they
+// acquired in their first column.
 package proxy
 
 import (
@@ -370,7 +372,9 @@ func (l *link) frontend() func([]byte) ([]byte, bool) {
 	}
 }
 
-func isAcquire(query string) bool { return strings.Contains(query, ".acquire(") }
+func isAcquire(query string) bool {
+	return strings.Contains(query, ".acquire(") || strings.Contains(query, ".acquire_keys(")
+}
 
 func (l *link) frontendMessage(typ byte, body []byte) {
 	l.mu.Lock()
