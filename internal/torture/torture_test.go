@@ -906,11 +906,14 @@ func TestOraclesCatchSabotage(t *testing.T) {
 		oracle string        // the violation must start so
 		detail string        // and contain this
 		dur    time.Duration // 0: 12s
+		// readers, when set: the share of readers (honest reads
+		// overlapping the sabotaged writes are what must see them).
+		readers float64
 	}{
-		{scenarioNamed("pause"), "-sabotage-unfenced", "A:", "", 0},
-		{scenarioNamed("network"), "-sabotage-ignore-loss", "B:", "", 0},
-		{scenarioNamed("shared-kill"), "-sabotage-reader-writes", "A: key k0: read ", "", 2 * time.Second},
-		{scenarioNamed("semaphore-kill"), "-sabotage-over-permits", "B: k0: ", "permits of 2 held at once", 2 * time.Second},
+		{scenarioNamed("pause"), "-sabotage-unfenced", "A:", "", 0, 0},
+		{scenarioNamed("network"), "-sabotage-ignore-loss", "B:", "", 0, 0},
+		{scenarioNamed("shared-kill"), "-sabotage-reader-writes", "A: key k0: read ", "", 2 * time.Second, 0.9},
+		{scenarioNamed("semaphore-kill"), "-sabotage-over-permits", "B: k0: ", "permits of 2 held at once", 2 * time.Second, 0},
 	} {
 		t.Run(tc.sc.name+tc.flag, func(t *testing.T) {
 			// One key: whatever a sabotaged holder keeps believing in, the
@@ -920,6 +923,9 @@ func TestOraclesCatchSabotage(t *testing.T) {
 			tc.sc.adjust(&p)
 			if tc.dur != 0 {
 				p.dur = tc.dur
+			}
+			if tc.readers != 0 {
+				p.readers = tc.readers
 			}
 			p.noLoss = false
 			p.sabotage = []string{tc.flag}
