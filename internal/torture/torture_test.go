@@ -590,15 +590,16 @@ func (r *run) killOne() {
 	r.start(hp.viaProxy)
 }
 
-// 9. SIGKILL as in faultKill, and every other time of the waiter at the head
-// of a key's queue, with another waiter behind it, as the waiting view shows
-// them (when a queue forms within half a TTL): a dead waiter keeps its place
-// until its lease runs out, and then the key must pass on.
+// 9. SIGKILL as in faultKill, and first and then every other time of the
+// waiter at the head of a key's queue, as the waiting view shows it (when a
+// queue forms within a TTL): a dead waiter keeps its place until its lease
+// runs out, ahead of the waiters behind it and of those that come after, and
+// then the key must pass on.
 func faultKillKinds(ctx context.Context, r *run) {
 	r.p.waiterKills = true // the checks judge what it did
 	for i := 0; sleep(ctx, between(r.p.ttl/6, r.p.ttl/2)); i++ {
-		if i%2 == 1 {
-			if hp, key := r.headWaiter(ctx, r.p.ttl/2); hp != nil {
+		if i%2 == 0 {
+			if hp, key := r.headWaiter(ctx, r.p.ttl); hp != nil {
 				r.killHead(hp, key)
 				r.start(hp.viaProxy)
 				continue
@@ -609,8 +610,9 @@ func faultKillKinds(ctx context.Context, r *run) {
 }
 
 // headWaiter looks, for up to d, for a live process of the scenario that
-// heads the queue of a key (among live waiters, in the waiting view) with
-// another live waiter behind it, and still waits for that key.
+// heads the queue of a key (among live waiters, in the waiting view), with
+// another live waiter behind it if there is such a queue, and still waits
+// for that key.
 func (r *run) headWaiter(ctx context.Context, d time.Duration) (*holderProc, string) {
 	s := pgx.Identifier{r.schema}.Sanitize()
 	for deadline := time.Now().Add(d); time.Now().Before(deadline) && ctx.Err() == nil; {
@@ -621,7 +623,7 @@ func (r *run) headWaiter(ctx context.Context, d time.Duration) (*holderProc, str
 				       row_number() OVER (PARTITION BY name, entity_id ORDER BY waiter_id) AS place,
 				       count(*) OVER (PARTITION BY name, entity_id) AS queued
 				  FROM `+s+`.waiting WHERE alive) q
-			 WHERE place = 1 AND queued > 1 AND application LIKE $1 ORDER BY random() LIMIT 1`,
+			 WHERE place = 1 AND application LIKE $1 ORDER BY queued > 1 DESC, random() LIMIT 1`,
 			"torture-"+r.name+"-%").Scan(&key, &app)
 		cancel()
 		if err == nil {
