@@ -259,11 +259,25 @@ BEGIN
     -- statement, or (the key lock, on the advisory path) holds the key.
     FOR i IN 1..n LOOP
         k := ord[i];
-        IF NOT pg_try_advisory_xact_lock(1885826161, hashint8(hashes[i]))
-           OR NOT (CASE WHEN p_kinds[k] = 's' THEN pg_try_advisory_xact_lock_shared(hashes[i])
-                        ELSE pg_try_advisory_xact_lock(hashes[i]) END) THEN
+        IF NOT pg_try_advisory_xact_lock(1885826161, hashint8(hashes[i])) THEN
             RETURN QUERY SELECT false, NULL::bigint[], NULL::bigint[], NULL::timestamptz,
                                 true, false, k, NULL::bigint, NULL::text, NULL::integer,
+                                NULL::text, NULL::timestamptz, NULL::interval;
+            RETURN;
+        END IF;
+        IF NOT (CASE WHEN p_kinds[k] = 's' THEN pg_try_advisory_xact_lock_shared(hashes[i])
+                     ELSE pg_try_advisory_xact_lock(hashes[i]) END) THEN
+            -- Table acquirers take the queue lock first, and we have it: so
+            -- the advisory path holds the key. Busy; a waiter for one key
+            -- takes its place in the queue meanwhile (under the queue lock,
+            -- so that the order of the queue holds).
+            IF p_wait AND n = 1 THEN
+                INSERT INTO waiters AS w (name, entity_id, holder_id, kind, permits, set_size)
+                VALUES (p_names[1], p_ids[1], p_holder, p_kinds[1], p_permits, 1)
+                ON CONFLICT ON CONSTRAINT waiters_key_holder DO NOTHING;
+            END IF;
+            RETURN QUERY SELECT false, NULL::bigint[], NULL::bigint[], NULL::timestamptz,
+                                true, p_wait AND n = 1, k, NULL::bigint, NULL::text, NULL::integer,
                                 NULL::text, NULL::timestamptz, NULL::interval;
             RETURN;
         END IF;
@@ -773,7 +787,10 @@ SELECT w.name,
   FROM waiters w
   LEFT JOIN holders h ON h.id = w.holder_id;
 
--- The grant sets, with what this version adds.
+-- The grant sets, with what this version adds. The application may read
+-- token_guard: advisory_acquire_shared, which runs with its caller's rights,
+-- reads the guard row on every call rather than trusting a session setting
+-- (anyone may set one in their own session).
 -- +goose StatementBegin
 CREATE OR REPLACE FUNCTION grant_application(p_role regrole) RETURNS void
 LANGUAGE plpgsql AS $$
@@ -791,7 +808,7 @@ BEGIN
               'advisory_acquire_shared(text,text,bigint,boolean)',
               'advisory_release_shared(text,text,bigint,bigint)',
               'advisory_unlock_shared_if_held(bigint)', 'advisory_takeover_kinds(text,text,"char"[])'],
-        ARRAY['locks', 'held', 'holder_status', 'advisory_held', 'waiting']);
+        ARRAY['locks', 'held', 'holder_status', 'advisory_held', 'waiting', 'token_guard']);
     EXECUTE format('GRANT USAGE ON SEQUENCE %s TO %s', 'token_seq'::regclass, p_role);
 END
 $$;
