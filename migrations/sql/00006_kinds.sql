@@ -19,11 +19,12 @@
 -- the queue.
 --
 -- Per-key serialisation. Every table-path grant of a key is made under two
--- transaction-level advisory locks, taken in this order and only with
--- try-locks: the key's queue lock, the pair ('pglq', hashint8(key_hash)),
--- exclusive, which serialises table acquirers of the key and guards its
--- queue; then the key lock key_hash itself (shared for a shared grant, else
--- exclusive), which is what excludes the advisory path. Tokens are drawn
+-- transaction-level advisory locks, taken in this order: the key's queue
+-- lock, the pair ('pglq', hashint8(key_hash)), exclusive, which serialises
+-- table acquirers of the key and guards its queue (waited for: it is held
+-- for one statement); then the key lock key_hash itself (shared for a shared
+-- grant, else exclusive, and only tried: an advisory-path holder keeps it),
+-- which is what excludes the advisory path. Tokens are drawn
 -- under both, so the tokens of a key grow in commit order across all table
 -- grants, and across paths wherever the grants exclude each other. A key
 -- set takes the locks of its keys in key_hash order.
@@ -255,16 +256,16 @@ BEGIN
     END IF;
 
     -- Under the keys' locks, in key_hash order: the queue lock, then the key
-    -- lock. Only try-locks: whoever has one of them holds it for one short
-    -- statement, or (the key lock, on the advisory path) holds the key.
+    -- lock. The queue lock is waited for: whoever holds it is another
+    -- acquirer of the key for the length of one statement like this one (or
+    -- advisory_acquire_shared drawing a token), which waits for no queue
+    -- lock it does not hold already and only tries key locks, and every
+    -- acquirer of several keys takes their queue locks in this same order: so
+    -- no wait here can close a cycle. The key lock is only tried: on the
+    -- advisory path a holder keeps it for as long as it holds the key.
     FOR i IN 1..n LOOP
         k := ord[i];
-        IF NOT pg_try_advisory_xact_lock(1885826161, hashint8(hashes[i])) THEN
-            RETURN QUERY SELECT false, NULL::bigint[], NULL::bigint[], NULL::timestamptz,
-                                true, false, k, NULL::bigint, NULL::text, NULL::integer,
-                                NULL::text, NULL::timestamptz, NULL::interval;
-            RETURN;
-        END IF;
+        PERFORM pg_advisory_xact_lock(1885826161, hashint8(hashes[i]));
         IF NOT (CASE WHEN p_kinds[k] = 's' THEN pg_try_advisory_xact_lock_shared(hashes[i])
                      ELSE pg_try_advisory_xact_lock(hashes[i]) END) THEN
             -- Table acquirers take the queue lock first, and we have it: so
