@@ -202,11 +202,11 @@ BEGIN
         RAISE EXCEPTION 'pglease: a semaphore permit is acquired alone, not in a key set'
             USING ERRCODE = '22023';
     END IF;
-    IF EXISTS (SELECT FROM unnest(p_kinds) x WHERE x IS NULL OR x NOT IN ('x', 's', 'p')) THEN
+    IF array_position(p_kinds, NULL) IS NOT NULL OR NOT p_kinds <@ '{x,s,p}'::"char"[] THEN
         RAISE EXCEPTION 'pglease: a kind is ''x'' (exclusive), ''s'' (shared) or ''p'' (permit)'
             USING ERRCODE = '22023';
     END IF;
-    IF (SELECT count(DISTINCT (a, b)) FROM unnest(p_names, p_ids) AS u(a, b)) <> n THEN
+    IF n > 1 AND (SELECT count(DISTINCT (a, b)) FROM unnest(p_names, p_ids) AS u(a, b)) <> n THEN
         RAISE EXCEPTION 'pglease: a key set names a key twice'
             USING ERRCODE = '22023';
     END IF;
@@ -219,41 +219,45 @@ BEGIN
     END IF;
 
     -- The keys in key_hash order: the one order every acquirer locks them in.
-    SELECT array_agg(u.i ORDER BY u.h, u.i), array_agg(u.h ORDER BY u.h, u.i) INTO ord, hashes
-      FROM (SELECT x.i, key_hash(p_names[x.i], p_ids[x.i]) AS h
-              FROM generate_series(1, n) AS x(i)) u;
+    IF n = 1 THEN
+        ord := '{1}';
+        hashes := ARRAY[key_hash(p_names[1], p_ids[1])];
+    ELSE
+        SELECT array_agg(u.i ORDER BY u.h, u.i), array_agg(u.h ORDER BY u.h, u.i) INTO ord, hashes
+          FROM (SELECT x.i, key_hash(p_names[x.i], p_ids[x.i]) AS h
+                  FROM generate_series(1, n) AS x(i)) u;
+    END IF;
 
-    -- The fast refusal: one key held by a live holder in a way this request
+    -- The fast refusal: a key held by a live holder in a way this request
     -- cannot share, and the caller not about to queue (a try, or a waiter
     -- already queued on every key). No lock, no transaction id.
-    IF NOT p_wait OR NOT EXISTS (
-           SELECT FROM generate_series(1, n) x(i)
-            WHERE NOT EXISTS (SELECT FROM waiters w WHERE w.name = p_names[x.i]
-                                 AND w.entity_id = p_ids[x.i] AND w.holder_id = p_holder)) THEN
-        FOR k IN 1..n LOOP
-            SELECT l.holder_id, l.acquired_at, h.host, h.pid, h.application, h.expires_at INTO r
-              FROM locks l JOIN holders h ON h.id = l.holder_id
-             WHERE l.name = p_names[k] AND l.entity_id = p_ids[k]
-               AND h.expires_at > clock_timestamp() AND l.holder_id <> p_holder
-               AND CASE p_kinds[k]
-                       WHEN 'x' THEN l.kind <> 'p'
-                       WHEN 's' THEN l.kind = 'x'
-                       ELSE l.kind = 'p' AND l.permits = p_permits
-                             AND (SELECT count(*) FROM locks c JOIN holders ch ON ch.id = c.holder_id
-                                   WHERE c.name = p_names[k] AND c.entity_id = p_ids[k]
-                                     AND ch.expires_at > clock_timestamp()) >= p_permits
-                   END
-             LIMIT 1;
-            IF FOUND THEN
+    FOR k IN 1..n LOOP
+        SELECT l.holder_id, l.acquired_at, h.host, h.pid, h.application, h.expires_at INTO r
+          FROM locks l JOIN holders h ON h.id = l.holder_id
+         WHERE l.name = p_names[k] AND l.entity_id = p_ids[k]
+           AND h.expires_at > clock_timestamp() AND l.holder_id <> p_holder
+           AND CASE p_kinds[k]
+                   WHEN 'x' THEN l.kind <> 'p'
+                   WHEN 's' THEN l.kind = 'x'
+                   ELSE l.kind = 'p' AND l.permits = p_permits
+                         AND (SELECT count(*) FROM locks c JOIN holders ch ON ch.id = c.holder_id
+                               WHERE c.name = p_names[k] AND c.entity_id = p_ids[k]
+                                 AND ch.expires_at > clock_timestamp()) >= p_permits
+               END
+         LIMIT 1;
+        IF FOUND THEN
+            IF NOT p_wait OR NOT EXISTS (
+                   SELECT FROM generate_series(1, n) x(i)
+                    WHERE NOT EXISTS (SELECT FROM waiters w WHERE w.name = p_names[x.i]
+                                         AND w.entity_id = p_ids[x.i] AND w.holder_id = p_holder)) THEN
                 RETURN QUERY SELECT false, NULL::bigint[], NULL::bigint[], NULL::timestamptz,
-                                    false, EXISTS (SELECT FROM waiters w WHERE w.name = p_names[k]
-                                           AND w.entity_id = p_ids[k] AND w.holder_id = p_holder),
-                                    k, r.holder_id, r.host, r.pid, r.application, r.acquired_at,
-                                    r.expires_at - clock_timestamp();
+                                    false, p_wait, k, r.holder_id, r.host, r.pid, r.application,
+                                    r.acquired_at, r.expires_at - clock_timestamp();
                 RETURN;
             END IF;
-        END LOOP;
-    END IF;
+            EXIT; -- it must queue: under the locks below
+        END IF;
+    END LOOP;
 
     -- Under the keys' locks, in key_hash order: the queue lock, then the key
     -- lock. The queue lock is waited for: whoever holds it is another
