@@ -206,9 +206,11 @@ BEGIN
         RAISE EXCEPTION 'pglease: a kind is ''x'' (exclusive), ''s'' (shared) or ''p'' (permit)'
             USING ERRCODE = '22023';
     END IF;
-    IF n > 1 AND (SELECT count(DISTINCT (a, b)) FROM unnest(p_names, p_ids) AS u(a, b)) <> n THEN
-        RAISE EXCEPTION 'pglease: a key set names a key twice'
-            USING ERRCODE = '22023';
+    IF n > 1 THEN
+        IF (SELECT count(DISTINCT (a, b)) FROM unnest(p_names, p_ids) AS u(a, b)) <> n THEN
+            RAISE EXCEPTION 'pglease: a key set names a key twice'
+                USING ERRCODE = '22023';
+        END IF;
     END IF;
     p_keep := coalesce(p_keep, '{}');
 
@@ -217,6 +219,60 @@ BEGIN
     IF current_setting('synchronous_commit') = 'off' THEN
         PERFORM set_config('synchronous_commit', 'on', true);
     END IF;
+
+    -- The fast refusal: a key held by a live holder in a way this request
+    -- cannot share, and the caller not about to queue (a try, or a waiter
+    -- already queued on every key). No lock, no transaction id.
+    --
+    -- Every query here and below reads holders through a scalar subquery per
+    -- row rather than a join: a join lets the planner's generic plan (which
+    -- PL/pgSQL caches) scan locks by another index than the key's, which
+    -- costs a full index scan on a small, busy table.
+    -- One query per kind, with no CASE on the kind: a CASE that the planner
+    -- can fold for given arguments makes PL/pgSQL plan the statement anew on
+    -- every call (its custom plans look cheaper than the generic one).
+    FOR k IN 1..n LOOP
+        IF p_kinds[k] = 'x' THEN
+            SELECT l.holder_id, l.acquired_at INTO r
+              FROM locks l
+             WHERE l.name = p_names[k] AND l.entity_id = p_ids[k] AND l.holder_id <> p_holder
+               AND l.kind <> 'p'
+               AND (SELECT h.expires_at FROM holders h WHERE h.id = l.holder_id) > clock_timestamp()
+             LIMIT 1;
+        ELSIF p_kinds[k] = 's' THEN
+            SELECT l.holder_id, l.acquired_at INTO r
+              FROM locks l
+             WHERE l.name = p_names[k] AND l.entity_id = p_ids[k] AND l.holder_id <> p_holder
+               AND l.kind = 'x'
+               AND (SELECT h.expires_at FROM holders h WHERE h.id = l.holder_id) > clock_timestamp()
+             LIMIT 1;
+        ELSE
+            -- All permits live, none of them the caller's.
+            SELECT min(l.holder_id) AS holder_id, min(l.acquired_at) AS acquired_at INTO r
+              FROM locks l
+             WHERE l.name = p_names[k] AND l.entity_id = p_ids[k]
+               AND (SELECT h.expires_at FROM holders h WHERE h.id = l.holder_id) > clock_timestamp()
+            HAVING count(*) >= p_permits AND bool_and(l.kind = 'p' AND l.permits = p_permits
+                                                      AND l.holder_id <> p_holder);
+        END IF;
+        IF FOUND THEN
+            -- A waiter not yet queued on every key must queue, under the
+            -- locks below. (Tested apart from p_wait, not in one condition
+            -- with it: see above.)
+            IF p_wait THEN
+                IF EXISTS (SELECT FROM generate_series(1, n) x(i)
+                            WHERE NOT EXISTS (SELECT FROM waiters w WHERE w.name = p_names[x.i]
+                                                 AND w.entity_id = p_ids[x.i] AND w.holder_id = p_holder)) THEN
+                    EXIT;
+                END IF;
+            END IF;
+            RETURN QUERY SELECT false, NULL::bigint[], NULL::bigint[], NULL::timestamptz,
+                                false, p_wait, k, r.holder_id, h.host, h.pid, h.application,
+                                r.acquired_at, h.expires_at - clock_timestamp()
+                           FROM (SELECT) AS one LEFT JOIN holders h ON h.id = r.holder_id;
+            RETURN;
+        END IF;
+    END LOOP;
 
     -- The keys in key_hash order: the one order every acquirer locks them in.
     IF n = 1 THEN
@@ -227,37 +283,6 @@ BEGIN
           FROM (SELECT x.i, key_hash(p_names[x.i], p_ids[x.i]) AS h
                   FROM generate_series(1, n) AS x(i)) u;
     END IF;
-
-    -- The fast refusal: a key held by a live holder in a way this request
-    -- cannot share, and the caller not about to queue (a try, or a waiter
-    -- already queued on every key). No lock, no transaction id.
-    FOR k IN 1..n LOOP
-        SELECT l.holder_id, l.acquired_at, h.host, h.pid, h.application, h.expires_at INTO r
-          FROM locks l JOIN holders h ON h.id = l.holder_id
-         WHERE l.name = p_names[k] AND l.entity_id = p_ids[k]
-           AND h.expires_at > clock_timestamp() AND l.holder_id <> p_holder
-           AND CASE p_kinds[k]
-                   WHEN 'x' THEN l.kind <> 'p'
-                   WHEN 's' THEN l.kind = 'x'
-                   ELSE l.kind = 'p' AND l.permits = p_permits
-                         AND (SELECT count(*) FROM locks c JOIN holders ch ON ch.id = c.holder_id
-                               WHERE c.name = p_names[k] AND c.entity_id = p_ids[k]
-                                 AND ch.expires_at > clock_timestamp()) >= p_permits
-               END
-         LIMIT 1;
-        IF FOUND THEN
-            IF NOT p_wait OR NOT EXISTS (
-                   SELECT FROM generate_series(1, n) x(i)
-                    WHERE NOT EXISTS (SELECT FROM waiters w WHERE w.name = p_names[x.i]
-                                         AND w.entity_id = p_ids[x.i] AND w.holder_id = p_holder)) THEN
-                RETURN QUERY SELECT false, NULL::bigint[], NULL::bigint[], NULL::timestamptz,
-                                    false, p_wait, k, r.holder_id, r.host, r.pid, r.application,
-                                    r.acquired_at, r.expires_at - clock_timestamp();
-                RETURN;
-            END IF;
-            EXIT; -- it must queue: under the locks below
-        END IF;
-    END LOOP;
 
     -- Under the keys' locks, in key_hash order: the queue lock, then the key
     -- lock. The queue lock is waited for: whoever holds it is another
@@ -300,10 +325,11 @@ BEGIN
         live_n := 0;
         live_x := false;
         quiet := NULL;
-        FOR r IN SELECT l.token, l.holder_id, l.kind, l.permits,
-                        h.expires_at > clock_timestamp() AS alive, h.id IS NOT NULL AS present
-                   FROM locks l LEFT JOIN holders h ON h.id = l.holder_id
-                  WHERE l.name = nm AND l.entity_id = ident LOOP
+        FOR r IN SELECT x.token, x.holder_id, x.kind, x.permits,
+                        x.exp > clock_timestamp() AS alive, x.exp IS NOT NULL AS present
+                   FROM (SELECT l.token, l.holder_id, l.kind, l.permits,
+                                (SELECT h.expires_at FROM holders h WHERE h.id = l.holder_id) AS exp
+                           FROM locks l WHERE l.name = nm AND l.entity_id = ident) x LOOP
             IF (r.holder_id = p_holder AND r.token = ANY (p_keep)) OR (r.holder_id <> p_holder AND r.alive) THEN
                 IF (kd = 'p') <> (r.kind = 'p') OR (kd = 'p' AND r.permits <> p_permits) THEN
                     PERFORM kind_conflict(nm, ident, r.kind, r.permits);
@@ -365,8 +391,9 @@ BEGIN
         ahead_x := false;
         mine := NULL;
         FOR r IN SELECT w.id, w.holder_id, w.kind, w.permits,
-                        coalesce(h.expires_at > clock_timestamp(), false) AS alive
-                   FROM waiters w LEFT JOIN holders h ON h.id = w.holder_id
+                        coalesce((SELECT h.expires_at FROM holders h WHERE h.id = w.holder_id)
+                                 > clock_timestamp(), false) AS alive
+                   FROM waiters w
                   WHERE w.name = nm AND w.entity_id = ident ORDER BY w.id LOOP
             IF r.holder_id = p_holder THEN
                 IF r.kind = kd AND r.permits = p_permits THEN
@@ -415,11 +442,13 @@ BEGIN
               FROM generate_series(1, n) x(i)
             ON CONFLICT ON CONSTRAINT waiters_key_holder DO NOTHING;
         END IF;
-        SELECT l.holder_id, l.acquired_at, h.host, h.pid, h.application, h.expires_at INTO r
-          FROM locks l JOIN holders h ON h.id = l.holder_id
-         WHERE l.name = p_names[first_no] AND l.entity_id = p_ids[first_no]
-           AND l.holder_id <> p_holder AND h.expires_at > clock_timestamp()
-         ORDER BY l.kind = 'x' DESC, l.token LIMIT 1;
+        SELECT x.holder_id, x.acquired_at, h.host, h.pid, h.application, h.expires_at INTO r
+          FROM (SELECT l.holder_id, l.acquired_at FROM locks l
+                 WHERE l.name = p_names[first_no] AND l.entity_id = p_ids[first_no]
+                   AND l.holder_id <> p_holder
+                   AND (SELECT hh.expires_at FROM holders hh WHERE hh.id = l.holder_id) > clock_timestamp()
+                 ORDER BY l.kind = 'x' DESC, l.token LIMIT 1) x
+          LEFT JOIN holders h ON h.id = x.holder_id;
         RETURN QUERY SELECT false, NULL::bigint[], NULL::bigint[], NULL::timestamptz,
                             false, p_wait, first_no, r.holder_id, r.host, r.pid, r.application,
                             r.acquired_at, r.expires_at - clock_timestamp();
