@@ -273,8 +273,16 @@ func TestCheckHandoff(t *testing.T) {
 	waits := []*wait{deadWait, waiting[0]}
 	v, _, hd := checkHandoff(headKill, []*interval{next}, waits, ttl, bound, 10_000*ms)
 	expect(t, v, "")
-	if hd.keys != 1 || hd.passed != 1 || hd.slowest != 1100*time.Millisecond {
-		t.Fatalf("head figures %+v; want 1 of 1, 1.1s", hd)
+	if hd.keys != 1 || hd.passed != 1 || hd.slowest != 1100*time.Millisecond || hd.alone != 1 || hd.slowestAlone != hd.slowest {
+		t.Fatalf("head figures %+v; want 1 of 1, 1.1s, alone", hd)
+	}
+	// Kept by a killed holder until 2s: passed on, but not alone.
+	holderKilled := &interval{proc: "p6", key: "k0", token: 8, start: 0, end: 1000 * ms, killed: true}
+	later := &interval{proc: "p1", key: "k0", token: 10, start: 2600 * ms, end: 2700 * ms}
+	v, _, hd = checkHandoff(headKill, []*interval{holderKilled, later}, waits, ttl, bound, 10_000*ms)
+	expect(t, v, "")
+	if hd.passed != 1 || hd.alone != 0 || hd.slowest != 2100*time.Millisecond {
+		t.Fatalf("head figures %+v; want passed 1 in 2.1s, none alone", hd)
 	}
 	v, _, _ = checkHandoff(headKill, nil, waits, ttl, bound, 10_000*ms)
 	expect(t, v, "k0, which killed p3 headed the queue of, not taken")

@@ -266,15 +266,7 @@ func (iv *interval) label() string {
 // an advisory holder's interval is cut where its connection was dropped, if it
 // noticed within notice. Any other is a violation.
 func checkIntervals(ivs []*interval, pauses, drops []pauseRec, notice time.Duration) (v []string, excused []overlap) {
-	byKey := map[string][]*interval{}
-	for _, iv := range ivs {
-		byKey[iv.key] = append(byKey[iv.key], iv)
-	}
-	keys := make([]string, 0, len(byKey))
-	for k := range byKey {
-		keys = append(keys, k)
-	}
-	sort.Strings(keys)
+	keys, byKey := groupByKey(ivs, func(*interval) bool { return true })
 	for _, k := range keys {
 		list := byKey[k]
 		sort.Slice(list, func(i, j int) bool { return list[i].start < list[j].start })
@@ -299,16 +291,12 @@ func checkIntervals(ivs []*interval, pauses, drops []pauseRec, notice time.Durat
 	return v, excused
 }
 
-// checkPermits is oracle B for semaphores: at most N permit intervals of a
-// key overlap at any instant, with every interval cut where truncated cuts
-// it (a paused holder cannot know; there oracle A must still hold); a
-// permit's slot is between 1 and N, and every holder agrees on N. It returns
-// the violations, how many instants had more than N only before the cuts
-// (excused), and the most permits of one key ever in use.
-func checkPermits(ivs []*interval, pauses, drops []pauseRec, notice time.Duration) (v []string, excused, peak int) {
+// groupByKey returns the intervals of ivs that keep accepts, by key, and
+// their keys in order.
+func groupByKey(ivs []*interval, keep func(*interval) bool) ([]string, map[string][]*interval) {
 	byKey := map[string][]*interval{}
 	for _, iv := range ivs {
-		if iv.kind == KindPermit && iv.end != 0 {
+		if keep(iv) {
 			byKey[iv.key] = append(byKey[iv.key], iv)
 		}
 	}
@@ -317,6 +305,17 @@ func checkPermits(ivs []*interval, pauses, drops []pauseRec, notice time.Duratio
 		keys = append(keys, k)
 	}
 	sort.Strings(keys)
+	return keys, byKey
+}
+
+// checkPermits is oracle B for semaphores: at most N permit intervals of a
+// key overlap at any instant, with every interval cut where truncated cuts
+// it (a paused holder cannot know; there oracle A must still hold); a
+// permit's slot is between 1 and N, and every holder agrees on N. It returns
+// the violations, how many instants had more than N only before the cuts
+// (excused), and the most permits of one key ever in use.
+func checkPermits(ivs []*interval, pauses, drops []pauseRec, notice time.Duration) (v []string, excused, peak int) {
+	keys, byKey := groupByKey(ivs, func(iv *interval) bool { return iv.kind == KindPermit && iv.end != 0 })
 	for _, k := range keys {
 		list := byKey[k]
 		n := list[0].permits
@@ -399,10 +398,10 @@ func mostOverlapping(list []*interval, end func(*interval) int64) (most int, at 
 type handoffs struct {
 	keys, passed int           // keys of kills, and of those, keys granted to another process later
 	slowest      time.Duration // the longest from a kill to the next grant of its key
-}
-
-func (h handoffs) String() string {
-	return fmt.Sprintf("%d/%d slowest=%s", h.passed, h.keys, h.slowest.Round(time.Millisecond))
+	// alone: of the keys passed on, those that nothing but the kill could
+	// keep past its lease (free is kill + ttl), and their slowest.
+	alone        int
+	slowestAlone time.Duration
 }
 
 // checkHandoff: the keys of a killed process pass on once its lease has run
@@ -411,12 +410,14 @@ func (h handoffs) String() string {
 // one such key alone, through the whole of [free, free + bound - ttl],
 // without anyone acquiring the key meanwhile, is a violation. free is kill +
 // ttl, or later where something else kept the key: another process's grant
-// that began before the window's end, until it ended (for a killed one,
-// until its lease ran out), a waiter that died, until its lease ran out, and
-// for a key that a key set waited for through the window, whatever kept the
-// set's other keys. end is when the run stopped; later kills are not judged.
-// It returns the figures for the keys killed holders held, and for the keys
-// that killed waiters headed the queue of.
+// of it that began before the kill (of another key: before the window's
+// end), until it ended (for a killed one, until its lease ran out); a waiter
+// that died, until its lease ran out; and for a key that a key set waited
+// for through the window, whatever kept the set's other keys. end is when
+// the run stopped; later kills are not judged. It returns the figures for
+// the keys killed holders held, and for the keys that killed waiters headed
+// the queue of: how many passed on, and how soon, of all and of those that
+// nothing else kept.
 func checkHandoff(kills []killRec, ivs []*interval, waits []*wait, ttl, bound time.Duration, end int64) (v []string, held, head handoffs) {
 	const never = int64(1<<63 - 1)
 	delta := int64(bound - ttl)
@@ -439,13 +440,6 @@ func checkHandoff(kills []killRec, ivs []*interval, waits []*wait, ttl, bound ti
 			case key == k.head:
 				fig = &head
 			}
-			if fig != nil {
-				fig.keys++
-				if next != 0 {
-					fig.passed++
-					fig.slowest = max(fig.slowest, time.Duration(next-k.t))
-				}
-			}
 
 			// When could the key be free at the latest?
 			free := k.t + int64(ttl)
@@ -460,6 +454,9 @@ func checkHandoff(kills []killRec, ivs []*interval, waits []*wait, ttl, bound ti
 				for _, iv := range ivs {
 					if iv.proc == k.proc || !kept[iv.key] || iv.start >= free+delta {
 						continue
+					}
+					if iv.key == key && iv.start > k.t {
+						continue // a grant of the key after the kill is the handoff itself
 					}
 					switch {
 					case iv.end == 0:
@@ -483,6 +480,17 @@ func checkHandoff(kills []killRec, ivs []*interval, waits []*wait, ttl, bound ti
 								kept[x], changed = true, true
 							}
 						}
+					}
+				}
+			}
+			if fig != nil {
+				fig.keys++
+				if next != 0 {
+					fig.passed++
+					fig.slowest = max(fig.slowest, time.Duration(next-k.t))
+					if free == k.t+int64(ttl) {
+						fig.alone++
+						fig.slowestAlone = max(fig.slowestAlone, time.Duration(next-k.t))
 					}
 				}
 			}

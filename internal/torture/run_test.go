@@ -422,6 +422,9 @@ func (r *run) record(hp *holderProc, ev Event) {
 	case EvReleased:
 		if iv := r.byToken[ev.Token]; iv != nil {
 			iv.release = ev.Release
+			if iv.lostWhy == "" {
+				iv.lostWhy = ev.Reason // lost before Release, after the watcher stopped
+			}
 		}
 		r.releases++
 	case EvBye:

@@ -144,7 +144,7 @@ type Event struct {
 	Release string   `json:"rel,omitempty"`
 	Err     string   `json:"err,omitempty"`
 	Leak    string   `json:"leak,omitempty"`
-	Reason  string   `json:"why,omitempty"` // EvLost: the LossReason the client reported
+	Reason  string   `json:"why,omitempty"` // EvLost, and EvReleased of a lock lost before: the LossReason the client reported
 }
 
 // Writer writes events as JSON lines, one write per line, so that a line is

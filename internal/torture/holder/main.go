@@ -382,7 +382,7 @@ func (p *proc) round(stop context.Context) {
 		if err := g.l.Release(context.Background()); err != nil {
 			rel.Release, rel.Err = torture.ReleaseError, err.Error()
 			if errors.Is(err, lease.ErrLost) {
-				rel.Release = torture.ReleaseLost
+				rel.Release, rel.Reason = torture.ReleaseLost, lossReason(g.l)
 			}
 		}
 		p.out.Emit(rel)
