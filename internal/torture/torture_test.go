@@ -19,6 +19,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/pglease/pglease/internal/pgtest"
+	"github.com/pglease/pglease/internal/torture/proxy"
 	"github.com/pglease/pglease/reaper"
 )
 
@@ -789,10 +790,14 @@ func faultNetwork(ctx context.Context, r *run) {
 		}
 		px.BlackholeAfterLoss(0)
 
-		// Cut off a holder: wait (a while) for a proxied process to hold a
-		// lock, so that a direct one has something to take over.
-		r.waitHolding(true, 2*r.p.ttl)
-		px.Blackhole(true)
+		// Cut off a holder: wait (a while) for a proxied process to be in
+		// a section, between its read and its write, so that a direct one
+		// has something to take over and the holder is busy with it when
+		// its lease runs out; else for one that holds a lock.
+		if !r.cutReading(px, 2*r.p.ttl) {
+			r.waitHolding(true, 2*r.p.ttl)
+			px.Blackhole(true)
+		}
 		time.Sleep(r.p.ttl * 3 / 2)
 		px.Blackhole(false)
 		blackholes++
@@ -813,6 +818,37 @@ func faultNetwork(ctx context.Context, r *run) {
 			}
 			time.Sleep(r.p.ttl / 5)
 		}
+	}
+}
+
+// cutReading waits up to d for a process that connects through the proxy to
+// report a section's read, and blackholes the proxy at once, from the read
+// hook. It reports whether it did.
+func (r *run) cutReading(px *proxy.Proxy, d time.Duration) bool {
+	cut := make(chan struct{})
+	r.mu.Lock()
+	r.onRead = func(x *holderProc, _ Event) {
+		if !x.viaProxy {
+			return
+		}
+		px.Blackhole(true)
+		r.onRead = nil
+		close(cut)
+	}
+	r.mu.Unlock()
+	select {
+	case <-cut:
+		return true
+	case <-time.After(d):
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	select {
+	case <-cut: // just now
+		return true
+	default:
+		r.onRead = nil
+		return false
 	}
 }
 
