@@ -280,11 +280,9 @@ func TestSetsOverlappingNoDeadlockAllOrNothing(t *testing.T) {
 	wg.Wait()
 	close(done)
 	<-checked
-	if t.Failed() {
-		t.FailNow()
-	}
 
-	// All or nothing, in every snapshot.
+	// All or nothing, in every snapshot (of the sets granted, if some
+	// goroutine failed).
 	partial, seenWhole := 0, 0
 	for si, snap := range snaps {
 		for _, g := range grants {
@@ -311,6 +309,9 @@ func TestSetsOverlappingNoDeadlockAllOrNothing(t *testing.T) {
 	}
 	if partial > 0 {
 		t.Fatalf("%d partial grants seen", partial)
+	}
+	if t.Failed() {
+		t.FailNow()
 	}
 	if seenWhole == 0 {
 		t.Fatalf("the checker's %d snapshots never saw a held set: it checked nothing", len(snaps))
@@ -449,6 +450,64 @@ func TestTryAcquireSetAllOrNothing(t *testing.T) {
 			}
 			mustRelease(t, e.ctx, ls)
 		}
+	}
+}
+
+// AcquireSet of a set with one key held waits holding none of its keys,
+// queued on every one of them (the free ones too, so a newcomer's try of a
+// free key of the set is refused: it would overtake the set), and takes
+// them all when the held key is released.
+func TestAcquireSetWaitsHoldingNothing(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	e.logQueuesOnFailure()
+	a, _, _ := e.client(slowTimers)
+	b, _, _ := e.client(slowTimers)
+	c, _, _ := e.client(slowTimers)
+	warmUp(t, e, b)
+	hb := holderOf(t, b)
+	keys := []lease.Key{{Name: "wait-set", ID: "1"}, {Name: "wait-set", ID: "2"}, {Name: "wait-set", ID: "3"}}
+	la := mustAcquire(t, e.ctx, a, keys[1])
+
+	got := make(chan *lease.LockSet, 1)
+	go func() {
+		s, err := b.AcquireSet(e.ctx, exclusiveSet(keys...))
+		if err != nil {
+			t.Errorf("AcquireSet: %v", err)
+		}
+		got <- s
+	}()
+	for _, k := range keys {
+		e.awaitQueue(k, []int64{hb}, fmt.Sprintf("b queued on %s", k))
+	}
+	for _, k := range keys {
+		if n := e.rowsOf(k, hb); n != 0 {
+			t.Fatalf("b has %d rows of %s while its set waits", n, k)
+		}
+	}
+	if _, err := c.TryAcquire(e.ctx, keys[0]); !errors.Is(err, lease.ErrLocked) {
+		t.Fatalf("TryAcquire of a free key a waiting set is queued on: %v, want ErrLocked", err)
+	}
+	mustRelease(t, e.ctx, la)
+	var s *lease.LockSet
+	select {
+	case s = <-got:
+	case <-time.After(waitLimit):
+		t.Fatalf("the set not granted %s after the release", waitLimit)
+	}
+	if s == nil {
+		t.FailNow()
+	}
+	for _, l := range s.Locks() {
+		if got := e.lockTokens(l.Key()); !slices.Equal(got, []int64{l.Token()}) || e.rowsOf(l.Key(), hb) != 1 {
+			t.Fatalf("rows of %s: tokens %v, want b's one row with token %d", l.Key(), got, l.Token())
+		}
+	}
+	if n := e.waiterRows(); n != 0 {
+		t.Fatalf("%d waiter rows after the set was granted", n)
+	}
+	if err := s.Release(e.ctx); err != nil {
+		t.Fatal(err)
 	}
 }
 
