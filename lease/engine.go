@@ -210,8 +210,8 @@ func (c *Client) acquireObserved(ctx context.Context, m acquireMode, key Key, re
 			// advisory path, or has its row locked). Its release will wake
 			// us; look again soon only in case its acquire fails, which
 			// announces nothing.
-			if backoff < delay {
-				delay = backoff
+			if b := dispatch.Jitter(backoff); b < delay {
+				delay = b // jittered: waiters woken together do not retry together
 			}
 			backoff = min(backoff*2, c.cfg.PollInterval)
 		} else {

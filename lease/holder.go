@@ -145,6 +145,11 @@ func (c *Client) heartbeat(h *holder, last time.Time) {
 				wantX ^= tok
 			}
 		}
+		for _, ks := range c.keys {
+			if ks.queued {
+				wantN++
+			}
+		}
 		c.mu.Unlock()
 
 		ctx, cancel := context.WithDeadline(h.ctx, deadline)
@@ -226,9 +231,17 @@ func (c *Client) verify(h *holder, cutoff uint64) {
 		return
 	}
 	have := make(map[int64]bool, len(present))
+	var waits []Key
+	locksOnly := present[:0:0]
 	for _, r := range present {
+		if r.token == 0 {
+			waits = append(waits, r.key)
+			continue
+		}
 		have[r.token] = true
+		locksOnly = append(locksOnly, r)
 	}
+	present = locksOnly
 	var lost []*Lock
 	var orphans []Key
 	c.mu.Lock()
@@ -242,6 +255,11 @@ func (c *Client) verify(h *holder, cutoff uint64) {
 			if !l.releasing { // a lock being released is not lost
 				lost = append(lost, l)
 			}
+		}
+	}
+	for _, k := range waits {
+		if ks := c.keys[k.mapKey()]; ks == nil || !ks.wantedLocked() {
+			orphans = append(orphans, k)
 		}
 	}
 	for _, r := range present {

@@ -396,7 +396,7 @@ func (c *Client) acquireSetObserved(ctx context.Context, members, sorted []SetMe
 		obs.wait()
 		delay := dispatch.Jitter(c.cfg.PollInterval)
 		if refused.busy {
-			delay = min(delay, backoff)
+			delay = min(delay, dispatch.Jitter(backoff))
 			backoff = min(backoff*2, c.cfg.PollInterval)
 		} else {
 			backoff = c.table.busyRetry()

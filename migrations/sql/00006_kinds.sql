@@ -274,6 +274,50 @@ BEGIN
         END IF;
     END LOOP;
 
+    -- The fast refusal by the queue, for one key: live waiters ahead of the
+    -- caller (all of them for a newcomer) that keep it out. Without this,
+    -- every waiter woken by a release would queue for the key's queue lock
+    -- behind the one that is served. Dead waiters do not count here; the
+    -- locked path below deletes them.
+    IF n = 1 THEN
+        SELECT w.id INTO mine FROM waiters w
+         WHERE w.name = p_names[1] AND w.entity_id = p_ids[1] AND w.holder_id = p_holder;
+        IF p_kinds[1] = 'x' THEN
+            SELECT w.holder_id, w.since AS acquired_at INTO r FROM waiters w
+             WHERE w.name = p_names[1] AND w.entity_id = p_ids[1] AND w.id < coalesce(mine, 9223372036854775807)
+               AND w.holder_id <> p_holder AND w.kind <> 'p'
+               AND (SELECT h.expires_at FROM holders h WHERE h.id = w.holder_id) > clock_timestamp()
+             LIMIT 1;
+        ELSIF p_kinds[1] = 's' THEN
+            SELECT w.holder_id, w.since AS acquired_at INTO r FROM waiters w
+             WHERE w.name = p_names[1] AND w.entity_id = p_ids[1] AND w.id < coalesce(mine, 9223372036854775807)
+               AND w.holder_id <> p_holder AND w.kind = 'x'
+               AND (SELECT h.expires_at FROM holders h WHERE h.id = w.holder_id) > clock_timestamp()
+             LIMIT 1;
+        ELSE
+            SELECT NULL::bigint AS holder_id, NULL::timestamptz AS acquired_at INTO r
+             WHERE (SELECT count(*) FROM locks l
+                     WHERE l.name = p_names[1] AND l.entity_id = p_ids[1]
+                       AND (SELECT h.expires_at FROM holders h WHERE h.id = l.holder_id) > clock_timestamp())
+                 + (SELECT count(*) FROM waiters w
+                     WHERE w.name = p_names[1] AND w.entity_id = p_ids[1] AND w.id < coalesce(mine, 9223372036854775807)
+                       AND w.holder_id <> p_holder
+                       AND (SELECT h.expires_at FROM holders h WHERE h.id = w.holder_id) > clock_timestamp())
+                   >= p_permits
+               AND NOT EXISTS (SELECT FROM locks l WHERE l.name = p_names[1] AND l.entity_id = p_ids[1]
+                                  AND (l.kind <> 'p' OR l.permits <> p_permits))
+               AND NOT EXISTS (SELECT FROM waiters w WHERE w.name = p_names[1] AND w.entity_id = p_ids[1]
+                                  AND (w.kind <> 'p' OR w.permits <> p_permits));
+        END IF;
+        IF FOUND AND (NOT p_wait OR mine IS NOT NULL) THEN
+            RETURN QUERY SELECT false, NULL::bigint[], NULL::bigint[], NULL::timestamptz,
+                                false, p_wait, 1, NULL::bigint, NULL::text, NULL::integer,
+                                NULL::text, NULL::timestamptz, NULL::interval;
+            RETURN;
+        END IF;
+        mine := NULL;
+    END IF;
+
     -- The keys in key_hash order: the one order every acquirer locks them in.
     IF n = 1 THEN
         ord := '{1}';
@@ -779,6 +823,44 @@ LANGUAGE sql AS $$
 $$;
 -- +goose StatementEnd
 
+-- renew and holder_locks, as in version 5, now count and list the holder's
+-- waiter rows too (with token 0): a waiter row inserted by an acquire whose
+-- client had given up on it (its statement ran on after a cancel, past the
+-- clean-up) would keep its place ahead of everyone for as long as the holder
+-- lives. The heartbeat's count finds it as it finds an orphan lock row.
+-- +goose StatementBegin
+CREATE OR REPLACE FUNCTION renew(p_holder bigint, p_secret bytea)
+RETURNS TABLE (alive boolean, locks bigint, tokens_xor bigint)
+LANGUAGE plpgsql SECURITY DEFINER AS $$
+BEGIN
+    IF current_setting('synchronous_commit') = 'off' THEN
+        PERFORM set_config('synchronous_commit', 'on', true);
+    END IF;
+    UPDATE holders h SET expires_at = clock_timestamp() + h.ttl
+     WHERE h.id = p_holder AND h.expires_at > clock_timestamp() AND h.secret_hash = sha256(p_secret);
+    IF NOT FOUND THEN
+        PERFORM holder_matches(p_holder, p_secret);
+        RETURN QUERY SELECT false, 0::bigint, 0::bigint;
+        RETURN;
+    END IF;
+    RETURN QUERY SELECT true, count(*) + (SELECT count(*) FROM waiters w WHERE w.holder_id = p_holder), coalesce(bit_xor(l.token), 0)
+                   FROM locks l WHERE l.holder_id = p_holder;
+END
+$$;
+-- +goose StatementEnd
+-- +goose StatementBegin
+CREATE OR REPLACE FUNCTION holder_locks(p_holder bigint, p_secret bytea)
+RETURNS TABLE (name text, entity_id text, token bigint)
+LANGUAGE plpgsql STABLE SECURITY DEFINER AS $$
+BEGIN
+    IF holder_matches(p_holder, p_secret) THEN
+        RETURN QUERY SELECT l.name, l.entity_id, l.token FROM locks l WHERE l.holder_id = p_holder
+                     UNION ALL SELECT w.name, w.entity_id, 0::bigint FROM waiters w WHERE w.holder_id = p_holder;
+    END IF;
+END
+$$;
+-- +goose StatementEnd
+
 -- For DBAs: every grant, with its kind: exclusive, shared, or permit slot of
 -- permits. The columns of version 1 come first, unchanged.
 CREATE OR REPLACE VIEW held AS
@@ -953,6 +1035,37 @@ SELECT l.name,
   FROM locks l
   LEFT JOIN holders h ON h.id = l.holder_id;
 -- The functions this version replaced, as versions 1 to 5 left them.
+-- +goose StatementBegin
+CREATE OR REPLACE FUNCTION renew(p_holder bigint, p_secret bytea)
+RETURNS TABLE (alive boolean, locks bigint, tokens_xor bigint)
+LANGUAGE plpgsql SECURITY DEFINER AS $$
+BEGIN
+    IF current_setting('synchronous_commit') = 'off' THEN
+        PERFORM set_config('synchronous_commit', 'on', true);
+    END IF;
+    UPDATE holders h SET expires_at = clock_timestamp() + h.ttl
+     WHERE h.id = p_holder AND h.expires_at > clock_timestamp() AND h.secret_hash = sha256(p_secret);
+    IF NOT FOUND THEN
+        PERFORM holder_matches(p_holder, p_secret); -- raises for another holder's id
+        RETURN QUERY SELECT false, 0::bigint, 0::bigint;
+        RETURN;
+    END IF;
+    RETURN QUERY SELECT true, count(*), coalesce(bit_xor(l.token), 0)
+                   FROM locks l WHERE l.holder_id = p_holder;
+END
+$$;
+-- +goose StatementEnd
+-- +goose StatementBegin
+CREATE OR REPLACE FUNCTION holder_locks(p_holder bigint, p_secret bytea)
+RETURNS TABLE (name text, entity_id text, token bigint)
+LANGUAGE plpgsql STABLE SECURITY DEFINER AS $$
+BEGIN
+    IF holder_matches(p_holder, p_secret) THEN
+        RETURN QUERY SELECT l.name, l.entity_id, l.token FROM locks l WHERE l.holder_id = p_holder;
+    END IF;
+END
+$$;
+-- +goose StatementEnd
 -- +goose StatementBegin
 CREATE OR REPLACE FUNCTION key_hash(p_name text, p_id text) RETURNS bigint
 LANGUAGE sql STABLE AS $$
