@@ -5,6 +5,13 @@
 // HeartbeatInterval, however many locks it holds. A lock is held while its row
 // exists and its holder is alive. Lock rows are only inserted and deleted.
 //
+// A key is locked exclusively (Acquire), shared (AcquireShared: any number of
+// readers, or one writer) or as one of N permits of a semaphore
+// (Client.Semaphore); several keys are locked all or nothing with AcquireSet.
+// Every grant is a row of its own with its own fencing token, and acquirers
+// that wait are served in arrival order across all clients, through a queue
+// that DBAs see in the view waiting (see Kind).
+//
 // # Failure model, in plain words
 //
 //   - The database is the authority, and only its clock decides expiry. Client
@@ -24,8 +31,8 @@
 //     heartbeat, usually at once through a notification.
 //   - A process can still be paused (GC, SIGSTOP, a VM migration) after it
 //     checked its lock and before it wrote. No lease can prevent that. The
-//     fencing token can: every acquisition of a key gets a larger token than
-//     the one before, and the SQL function fence, called in the transaction that
+//     fencing token can: every grant of a key, of any kind, gets a larger
+//     token than the ones before, and the SQL function fence, called in the transaction that
 //     writes the protected data, fails unless the token is the live holder's and
 //     holds a row lock that keeps any takeover waiting until that transaction
 //     ends. A write fenced this way never lands after the lock passed on.

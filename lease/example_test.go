@@ -91,3 +91,83 @@ func ExampleLock_Fence() {
 	// Output:
 	// write: <nil>
 }
+
+// Readers share a key; a writer waits for them, and readers that come after
+// the writer wait for it.
+func ExampleClient_AcquireShared() {
+	ctx := context.Background()
+	pool, schema, done := exampleDB(ctx)
+	defer done()
+	a, _ := lease.New(pool, &lease.Config{Schema: schema})
+	defer a.Close(ctx)
+	b, _ := lease.New(pool, &lease.Config{Schema: schema})
+	defer b.Close(ctx)
+
+	key := lease.Key{Name: "price-list", ID: "eu"}
+	r1, _ := a.AcquireShared(ctx, key)
+	r2, err := b.AcquireShared(ctx, key)
+	fmt.Println("two readers:", err == nil, r1.Kind(), r2.Kind())
+	_, err = b.TryAcquire(ctx, key)
+	fmt.Println("writer refused:", errors.Is(err, lease.ErrLocked))
+	_ = r1.Release(ctx)
+	_ = r2.Release(ctx)
+	w, err := b.TryAcquire(ctx, key)
+	fmt.Println("writer after the readers:", err == nil, w.Kind())
+	_ = w.Release(ctx)
+	// Output:
+	// two readers: true shared shared
+	// writer refused: true
+	// writer after the readers: true exclusive
+}
+
+// At most two holders of a partner API at once, across every process.
+func ExampleClient_Semaphore() {
+	ctx := context.Background()
+	pool, schema, done := exampleDB(ctx)
+	defer done()
+	client, _ := lease.New(pool, &lease.Config{Schema: schema})
+	defer client.Close(ctx)
+
+	sem, err := client.Semaphore(lease.Key{Name: "partner-api", ID: "acme"}, 2)
+	if err != nil {
+		panic(err)
+	}
+	p1, _ := sem.Acquire(ctx)
+	p2, _ := sem.Acquire(ctx)
+	_, err = sem.TryAcquire(ctx)
+	fmt.Println("slots:", p1.Slot(), p2.Slot(), "third refused:", errors.Is(err, lease.ErrLocked))
+
+	other, _ := client.Semaphore(sem.Key(), 3)
+	_, err = other.TryAcquire(ctx)
+	fmt.Println("another limit refused:", errors.Is(err, lease.ErrKindConflict))
+	_ = p1.Release(ctx)
+	_ = p2.Release(ctx)
+	// Output:
+	// slots: 1 2 third refused: true
+	// another limit refused: true
+}
+
+// Move stock between two warehouses: both keys or neither, and no deadlock
+// with a transfer the other way.
+func ExampleClient_AcquireSet() {
+	ctx := context.Background()
+	pool, schema, done := exampleDB(ctx)
+	defer done()
+	client, _ := lease.New(pool, &lease.Config{Schema: schema})
+	defer client.Close(ctx)
+
+	north := lease.Key{Name: "warehouse", ID: "north"}
+	south := lease.Key{Name: "warehouse", ID: "south"}
+	set, err := client.AcquireSet(ctx, []lease.SetMember{{Key: north}, {Key: south}})
+	if err != nil {
+		panic(err)
+	}
+	fmt.Println("held:", len(set.Locks()), set.Lock(north).Token() != set.Lock(south).Token())
+	_, err = client.TryAcquireSet(ctx, []lease.SetMember{{Key: south}, {Key: lease.Key{Name: "warehouse", ID: "east"}}})
+	fmt.Println("overlapping set refused:", errors.Is(err, lease.ErrLocked))
+	fmt.Println("release:", set.Release(ctx))
+	// Output:
+	// held: 2 true
+	// overlapping set refused: true
+	// release: <nil>
+}

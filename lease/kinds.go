@@ -58,16 +58,6 @@ func (k Kind) sqlKind() string {
 	return "x"
 }
 
-func kindFromSQL(code string) Kind {
-	switch code {
-	case "s":
-		return Shared
-	case "p":
-		return Permit
-	}
-	return Exclusive
-}
-
 // MaxPermits is the most permits a semaphore may have. Each permit is a slot
 // of the key's unique index, and an acquirer looks at every held one, so the
 // limit keeps an acquire one index range scan of bounded size.

@@ -129,7 +129,9 @@ func TestSQLProtocolFromPsql(t *testing.T) {
 	for _, want := range []string{
 		fmt.Sprintf("invoice/41 is held by holder %d (%s)", otherID, other.Config().Owner.Application),
 		fmt.Sprintf("acquired invoice/42 with token %d", psqlToken),
-		"fenced write done", "released", "closed",
+		"fenced write done", "released",
+		"acquired a shared lock and an exclusive one as a set", "permit 1 of 2", "queued at place 1, then left",
+		"closed",
 	} {
 		if !strings.Contains(text, want) {
 			t.Errorf("psql's output does not say %q:\n%s", want, text)

@@ -18,7 +18,6 @@ type queries struct {
 	renew       string
 	verify      string
 	dropHolder  string
-	dropOrphan  string
 	fence       string
 	leader      string // who holds a key, for elections
 	// markListening registers a LISTEN connection as a listener, so that
@@ -42,7 +41,6 @@ func newQueries(schema string) queries {
 		renew:      `SELECT alive, locks, tokens_xor FROM ` + s + `.renew($1, $2)`,
 		verify:     `SELECT name, entity_id, token FROM ` + s + `.holder_locks($1, $2)`,
 		dropHolder: `SELECT ` + s + `.close_holder($1, $2)`,
-		dropOrphan: `SELECT ` + s + `.drop_orphan($1, $2, $3, $4)`,
 		fence:      `SELECT ` + s + `.fence($1, $2, $3)`,
 		leader: `SELECT holder_id, host, pid, application, acquired_at, token,
 			(extract(epoch FROM time_left) * 1000000)::bigint

@@ -148,6 +148,58 @@ func TestApplicationRoleCanUseEverything(t *testing.T) {
 		t.Fatalf("advisory Release: %v", err)
 	}
 
+	// The kinds: shared on both paths, a semaphore, a key set, and a queue
+	// place given up (the waiter row goes with it).
+	kinds := lease.Key{Name: "order", ID: "9"}
+	rs, err := a.AcquireShared(e.ctx, kinds)
+	if err != nil {
+		t.Fatalf("AcquireShared as the application role: %v", err)
+	}
+	ras, err := b.Advisory().AcquireShared(e.ctx, kinds)
+	if err != nil {
+		t.Fatalf("advisory AcquireShared as the application role: %v", err)
+	}
+	c, _, _ := e.clientAs(app, lease.Config{})
+	wctx, cancel := context.WithCancel(e.ctx)
+	gotW := make(chan error, 1)
+	go func() {
+		_, err := c.Acquire(wctx, kinds)
+		gotW <- err
+	}()
+	eventually(t, 30*time.Second, "the writer to queue", func() bool {
+		var n int
+		_ = aPool.QueryRow(e.ctx, "SELECT count(*) FROM "+e.table("waiting")+" WHERE name = $1 AND entity_id = $2", kinds.Name, kinds.ID).Scan(&n)
+		return n == 1
+	})
+	cancel()
+	if err := <-gotW; !errors.Is(err, context.Canceled) {
+		t.Fatalf("cancelled writer: %v", err)
+	}
+	if err := c.Close(e.ctx); err != nil {
+		t.Fatalf("Close: %v", err)
+	}
+	eventually(t, 30*time.Second, "the writer's waiter row to go", func() bool {
+		return e.count("SELECT count(*) FROM "+e.table("waiters")) == 0
+	})
+	if err := errors.Join(rs.Release(e.ctx), ras.Release(e.ctx)); err != nil {
+		t.Fatalf("releasing the shared locks: %v", err)
+	}
+	sem, err := a.Semaphore(lease.Key{Name: "order", ID: "10"}, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := sem.Acquire(e.ctx)
+	if err != nil {
+		t.Fatalf("a semaphore permit as the application role: %v", err)
+	}
+	set, err := b.AcquireSet(e.ctx, []lease.SetMember{{Key: lease.Key{Name: "order", ID: "11"}}, {Key: lease.Key{Name: "order", ID: "12"}, Shared: true}})
+	if err != nil {
+		t.Fatalf("a key set as the application role: %v", err)
+	}
+	if err := errors.Join(p.Release(e.ctx), set.Release(e.ctx)); err != nil {
+		t.Fatalf("releasing the permit and the set: %v", err)
+	}
+
 	if err := a.Close(e.ctx); err != nil {
 		t.Fatalf("Close: %v", err)
 	}

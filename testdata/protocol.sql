@@ -19,8 +19,8 @@
 
 \set QUIET on
 
--- 0. The schema must be at version 5 or later, and serve clients of 5.
-SELECT 1 / (version >= 5 AND compatible_from <= 5)::int AS schema_ok
+-- 0. The schema must be at version 6 or later, and serve clients of 6.
+SELECT 1 / (version >= 6 AND compatible_from <= 6)::int AS schema_ok
   FROM :"schema".schema_info() \gset
 
 -- 1. Register a holder, with a secret of its own (16 random bytes or more:
@@ -70,6 +70,34 @@ SELECT 1 / released::int AS ok
   FROM :"schema".release(:'key_name', :'key_id', :token, :holder, :'secret') AS released \gset
 \echo released
 
--- 7. Close: deletes the holder's remaining lock rows and its holder row.
+-- 7. Kinds, key sets and the queue (schema version 6): acquire_keys takes
+-- one key or a set, each exclusive ('x'), shared ('s') or a semaphore permit
+-- ('p', one key alone, with its number of permits), all or nothing. Here a
+-- shared lock and an exclusive one as one set; tokens come in the order of
+-- the keys given.
+SELECT 1 / acquired::int AS ok, tokens[1] AS shared_token, tokens[2] AS set_token
+  FROM :"schema".acquire_keys(ARRAY[:'key_name' || '-shared', :'key_name' || '-set'],
+                              ARRAY[:'key_id', :'key_id'], '{s,x}', 1, :holder, :'secret', false, '{}') \gset
+\echo acquired a shared lock and an exclusive one as a set
+
+-- A permit of a semaphore of 2: slots are 1 and 2.
+SELECT 1 / acquired::int AS ok, slots[1] AS slot
+  FROM :"schema".acquire_keys(ARRAY[:'key_name' || '-sem'], ARRAY[:'key_id'], '{p}', 2,
+                              :holder, :'secret', false, '{}') \gset
+\echo permit :slot of 2
+
+-- Wait for the key someone else holds: with wait true the call takes a place
+-- in the queue (queued), kept on every later call; the view waiting shows
+-- it. Give the place up with leave.
+SELECT 1 / (queued AND NOT acquired)::int AS ok
+  FROM :"schema".acquire_keys(ARRAY[:'held_name'], ARRAY[:'held_id'], '{x}', 1,
+                              :holder, :'secret', true, '{}') \gset
+SELECT 1 / count(*)::int AS ok, min(position) AS place FROM :"schema".waiting
+ WHERE name = :'held_name' AND entity_id = :'held_id' AND holder_id = :holder \gset
+SELECT 1 / gone::int AS ok
+  FROM :"schema".leave(:'held_name', :'held_id', :holder, :'secret', '{}') AS gone \gset
+\echo queued at place :place, then left
+
+-- 8. Close: deletes the holder's remaining lock rows and its holder row.
 SELECT 1 / closed::int AS ok FROM :"schema".close_holder(:holder, :'secret') AS closed \gset
 \echo closed

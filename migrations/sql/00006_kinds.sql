@@ -19,11 +19,12 @@
 -- the queue.
 --
 -- Per-key serialisation. Every table-path grant of a key is made under two
--- transaction-level advisory locks, taken in this order and only with
--- try-locks: the key's queue lock, the pair ('pglq', hashint8(key_hash)),
--- exclusive, which serialises table acquirers of the key and guards its
--- queue; then the key lock key_hash itself (shared for a shared grant, else
--- exclusive), which is what excludes the advisory path. Tokens are drawn
+-- transaction-level advisory locks, taken in this order: the key's queue
+-- lock, the pair ('pglq', hashint8(key_hash)), exclusive, which serialises
+-- table acquirers of the key and guards its queue (waited for: it is held
+-- for one statement); then the key lock key_hash itself (shared for a shared
+-- grant, else exclusive, and only tried: an advisory-path holder keeps it),
+-- which is what excludes the advisory path. Tokens are drawn
 -- under both, so the tokens of a key grow in commit order across all table
 -- grants, and across paths wherever the grants exclude each other. A key
 -- set takes the locks of its keys in key_hash order.
@@ -121,6 +122,21 @@ END
 $gen$;
 -- +goose StatementEnd
 
+-- kind_conflict raises SQLSTATE 55L05 for (p_name, p_id), in use as kind
+-- p_kind (with p_permits permits): see grant_keys.
+-- +goose StatementBegin
+CREATE FUNCTION kind_conflict(p_name text, p_id text, p_kind "char", p_permits integer) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'pglease: (%, %) is in use as %', p_name, p_id,
+        CASE WHEN p_kind = 'p' THEN format('a semaphore of %s permits', p_permits)
+             WHEN p_kind = 's' THEN 'a shared lock' ELSE 'an exclusive lock' END
+        USING ERRCODE = '55L05',
+              HINT = 'every user of a key must ask for it as the same kind, and a semaphore with the same number of permits';
+END
+$$;
+-- +goose StatementEnd
+
 -- grant_keys is the acquire engine: every table-path acquire, of one key or
 -- a set, of any kind, old clients' included, runs it. It acts for holder
 -- p_holder without checking who calls (acquire_keys checks the secret) and
@@ -165,9 +181,8 @@ DECLARE
     ahead_n  integer;
     ahead_x  boolean;
     mine     bigint;
+    had_mine boolean := false;
     quiet    boolean;
-    b_holder bigint;
-    b_since  timestamptz;
     n_tokens bigint[];
     n_slots  bigint[];
     t        bigint;
@@ -187,13 +202,15 @@ BEGIN
         RAISE EXCEPTION 'pglease: a semaphore permit is acquired alone, not in a key set'
             USING ERRCODE = '22023';
     END IF;
-    IF EXISTS (SELECT FROM unnest(p_kinds) x WHERE x IS NULL OR x NOT IN ('x', 's', 'p')) THEN
+    IF array_position(p_kinds, NULL) IS NOT NULL OR NOT p_kinds <@ '{x,s,p}'::"char"[] THEN
         RAISE EXCEPTION 'pglease: a kind is ''x'' (exclusive), ''s'' (shared) or ''p'' (permit)'
             USING ERRCODE = '22023';
     END IF;
-    IF (SELECT count(DISTINCT (a, b)) FROM unnest(p_names, p_ids) AS u(a, b)) <> n THEN
-        RAISE EXCEPTION 'pglease: a key set names a key twice'
-            USING ERRCODE = '22023';
+    IF n > 1 THEN
+        IF (SELECT count(DISTINCT (a, b)) FROM unnest(p_names, p_ids) AS u(a, b)) <> n THEN
+            RAISE EXCEPTION 'pglease: a key set names a key twice'
+                USING ERRCODE = '22023';
+        END IF;
     END IF;
     p_keep := coalesce(p_keep, '{}');
 
@@ -203,53 +220,94 @@ BEGIN
         PERFORM set_config('synchronous_commit', 'on', true);
     END IF;
 
-    -- The keys in key_hash order: the one order every acquirer locks them in.
-    SELECT array_agg(u.i ORDER BY u.h, u.i), array_agg(u.h ORDER BY u.h, u.i) INTO ord, hashes
-      FROM (SELECT x.i, key_hash(p_names[x.i], p_ids[x.i]) AS h
-              FROM generate_series(1, n) AS x(i)) u;
-
-    -- The fast refusal: one key held by a live holder in a way this request
+    -- The fast refusal: a key held by a live holder in a way this request
     -- cannot share, and the caller not about to queue (a try, or a waiter
     -- already queued on every key). No lock, no transaction id.
-    IF NOT p_wait OR NOT EXISTS (
-           SELECT FROM generate_series(1, n) x(i)
-            WHERE NOT EXISTS (SELECT FROM waiters w WHERE w.name = p_names[x.i]
-                                 AND w.entity_id = p_ids[x.i] AND w.holder_id = p_holder)) THEN
-        FOR k IN 1..n LOOP
-            SELECT l.holder_id, l.acquired_at, h.host, h.pid, h.application, h.expires_at INTO r
-              FROM locks l JOIN holders h ON h.id = l.holder_id
-             WHERE l.name = p_names[k] AND l.entity_id = p_ids[k]
-               AND h.expires_at > clock_timestamp() AND l.holder_id <> p_holder
-               AND CASE p_kinds[k]
-                       WHEN 'x' THEN l.kind <> 'p'
-                       WHEN 's' THEN l.kind = 'x'
-                       ELSE l.kind = 'p' AND l.permits = p_permits
-                             AND (SELECT count(*) FROM locks c JOIN holders ch ON ch.id = c.holder_id
-                                   WHERE c.name = p_names[k] AND c.entity_id = p_ids[k]
-                                     AND ch.expires_at > clock_timestamp()) >= p_permits
-                   END
+    --
+    -- Every query here and below reads holders through a scalar subquery per
+    -- row rather than a join: a join lets the planner's generic plan (which
+    -- PL/pgSQL caches) scan locks by another index than the key's, which
+    -- costs a full index scan on a small, busy table.
+    -- One query per kind, with no CASE on the kind: a CASE that the planner
+    -- can fold for given arguments makes PL/pgSQL plan the statement anew on
+    -- every call (its custom plans look cheaper than the generic one).
+    FOR k IN 1..n LOOP
+        IF p_kinds[k] = 'x' THEN
+            SELECT l.holder_id, l.acquired_at INTO r
+              FROM locks l
+             WHERE l.name = p_names[k] AND l.entity_id = p_ids[k] AND l.holder_id <> p_holder
+               AND l.kind <> 'p'
+               AND (SELECT h.expires_at FROM holders h WHERE h.id = l.holder_id) > clock_timestamp()
              LIMIT 1;
-            IF FOUND THEN
-                RETURN QUERY SELECT false, NULL::bigint[], NULL::bigint[], NULL::timestamptz,
-                                    false, EXISTS (SELECT FROM waiters w WHERE w.name = p_names[k]
-                                           AND w.entity_id = p_ids[k] AND w.holder_id = p_holder),
-                                    k, r.holder_id, r.host, r.pid, r.application, r.acquired_at,
-                                    r.expires_at - clock_timestamp();
-                RETURN;
+        ELSIF p_kinds[k] = 's' THEN
+            SELECT l.holder_id, l.acquired_at INTO r
+              FROM locks l
+             WHERE l.name = p_names[k] AND l.entity_id = p_ids[k] AND l.holder_id <> p_holder
+               AND l.kind = 'x'
+               AND (SELECT h.expires_at FROM holders h WHERE h.id = l.holder_id) > clock_timestamp()
+             LIMIT 1;
+        ELSE
+            -- All permits live, none of them the caller's.
+            SELECT min(l.holder_id) AS holder_id, min(l.acquired_at) AS acquired_at INTO r
+              FROM locks l
+             WHERE l.name = p_names[k] AND l.entity_id = p_ids[k]
+               AND (SELECT h.expires_at FROM holders h WHERE h.id = l.holder_id) > clock_timestamp()
+            HAVING count(*) >= p_permits AND bool_and(l.kind = 'p' AND l.permits = p_permits
+                                                      AND l.holder_id <> p_holder);
+        END IF;
+        IF FOUND THEN
+            -- A waiter not yet queued on every key must queue, under the
+            -- locks below. (Tested apart from p_wait, not in one condition
+            -- with it: see above.)
+            IF p_wait THEN
+                IF EXISTS (SELECT FROM generate_series(1, n) x(i)
+                            WHERE NOT EXISTS (SELECT FROM waiters w WHERE w.name = p_names[x.i]
+                                                 AND w.entity_id = p_ids[x.i] AND w.holder_id = p_holder)) THEN
+                    EXIT;
+                END IF;
             END IF;
-        END LOOP;
+            RETURN QUERY SELECT false, NULL::bigint[], NULL::bigint[], NULL::timestamptz,
+                                false, p_wait, k, r.holder_id, h.host, h.pid, h.application,
+                                r.acquired_at, h.expires_at - clock_timestamp()
+                           FROM (SELECT) AS one LEFT JOIN holders h ON h.id = r.holder_id;
+            RETURN;
+        END IF;
+    END LOOP;
+
+    -- The keys in key_hash order: the one order every acquirer locks them in.
+    IF n = 1 THEN
+        ord := '{1}';
+        hashes := ARRAY[key_hash(p_names[1], p_ids[1])];
+    ELSE
+        SELECT array_agg(u.i ORDER BY u.h, u.i), array_agg(u.h ORDER BY u.h, u.i) INTO ord, hashes
+          FROM (SELECT x.i, key_hash(p_names[x.i], p_ids[x.i]) AS h
+                  FROM generate_series(1, n) AS x(i)) u;
     END IF;
 
     -- Under the keys' locks, in key_hash order: the queue lock, then the key
-    -- lock. Only try-locks: whoever has one of them holds it for one short
-    -- statement, or (the key lock, on the advisory path) holds the key.
+    -- lock. The queue lock is waited for: whoever holds it is another
+    -- acquirer of the key for the length of one statement like this one (or
+    -- advisory_acquire_shared drawing a token), which waits for no queue
+    -- lock it does not hold already and only tries key locks, and every
+    -- acquirer of several keys takes their queue locks in this same order: so
+    -- no wait here can close a cycle. The key lock is only tried: on the
+    -- advisory path a holder keeps it for as long as it holds the key.
     FOR i IN 1..n LOOP
         k := ord[i];
-        IF NOT pg_try_advisory_xact_lock(1885826161, hashint8(hashes[i]))
-           OR NOT (CASE WHEN p_kinds[k] = 's' THEN pg_try_advisory_xact_lock_shared(hashes[i])
-                        ELSE pg_try_advisory_xact_lock(hashes[i]) END) THEN
+        PERFORM pg_advisory_xact_lock(1885826161, hashint8(hashes[i]));
+        IF NOT (CASE WHEN p_kinds[k] = 's' THEN pg_try_advisory_xact_lock_shared(hashes[i])
+                     ELSE pg_try_advisory_xact_lock(hashes[i]) END) THEN
+            -- Table acquirers take the queue lock first, and we have it: so
+            -- the advisory path holds the key. Busy; a waiter for one key
+            -- takes its place in the queue meanwhile (under the queue lock,
+            -- so that the order of the queue holds).
+            IF p_wait AND n = 1 THEN
+                INSERT INTO waiters AS w (name, entity_id, holder_id, kind, permits, set_size)
+                VALUES (p_names[1], p_ids[1], p_holder, p_kinds[1], p_permits, 1)
+                ON CONFLICT ON CONSTRAINT waiters_key_holder DO NOTHING;
+            END IF;
             RETURN QUERY SELECT false, NULL::bigint[], NULL::bigint[], NULL::timestamptz,
-                                true, false, k, NULL::bigint, NULL::text, NULL::integer,
+                                true, p_wait AND n = 1, k, NULL::bigint, NULL::text, NULL::integer,
                                 NULL::text, NULL::timestamptz, NULL::interval;
             RETURN;
         END IF;
@@ -260,32 +318,24 @@ BEGIN
         nm := p_names[k];
         ident := p_ids[k];
         kd := p_kinds[k];
-        -- Who waits: is anyone else queued? Deleting a dead grant then wakes
-        -- them; else it goes quietly, as the key is about to be held again.
-        quiet := NOT EXISTS (SELECT FROM waiters w WHERE w.name = nm AND w.entity_id = ident
-                                AND w.holder_id <> p_holder);
-
         -- The grants: dead ones and this holder's orphans are deleted (a row
         -- locked by someone, a fenced write or a reaper, makes the key busy).
+        -- Kinds must agree: a semaphore is one with every permit holder and
+        -- waiter of its key, and never a lock at the same time.
         live_n := 0;
         live_x := false;
-        b_holder := NULL;
-        FOR r IN SELECT l.token, l.holder_id, l.kind, l.permits, l.acquired_at,
-                        h.expires_at > clock_timestamp() AS alive, h.id IS NOT NULL AS present
-                   FROM locks l LEFT JOIN holders h ON h.id = l.holder_id
-                  WHERE l.name = nm AND l.entity_id = ident LOOP
-            IF r.holder_id = p_holder AND r.token = ANY (p_keep) THEN
-                live_n := live_n + 1; -- the caller's own, still held
-                live_x := live_x OR r.kind = 'x';
-                CONTINUE;
-            END IF;
-            IF r.holder_id <> p_holder AND r.alive THEN
+        quiet := NULL;
+        FOR r IN SELECT x.token, x.holder_id, x.kind, x.permits,
+                        x.exp > clock_timestamp() AS alive, x.exp IS NOT NULL AS present
+                   FROM (SELECT l.token, l.holder_id, l.kind, l.permits,
+                                (SELECT h.expires_at FROM holders h WHERE h.id = l.holder_id) AS exp
+                           FROM locks l WHERE l.name = nm AND l.entity_id = ident) x LOOP
+            IF (r.holder_id = p_holder AND r.token = ANY (p_keep)) OR (r.holder_id <> p_holder AND r.alive) THEN
+                IF (kd = 'p') <> (r.kind = 'p') OR (kd = 'p' AND r.permits <> p_permits) THEN
+                    PERFORM kind_conflict(nm, ident, r.kind, r.permits);
+                END IF;
                 live_n := live_n + 1;
                 live_x := live_x OR r.kind = 'x';
-                IF b_holder IS NULL THEN
-                    b_holder := r.holder_id;
-                    b_since := r.acquired_at;
-                END IF;
                 CONTINUE;
             END IF;
             -- An orphan of ours, or a grant of a dead holder: take it over.
@@ -314,48 +364,41 @@ BEGIN
                 UPDATE holders h SET expires_at = h.expires_at
                  WHERE h.id = r.holder_id AND h.expires_at <= clock_timestamp();
                 IF NOT FOUND THEN
-                    -- Renewed since we looked: alive after all.
-                    live_n := live_n + 1;
-                    live_x := live_x OR r.kind = 'x';
-                    b_holder := coalesce(b_holder, r.holder_id);
-                    CONTINUE;
+                    -- Renewed since we looked: alive after all. Ask again.
+                    RETURN QUERY SELECT false, NULL::bigint[], NULL::bigint[], NULL::timestamptz,
+                                        true, false, k, NULL::bigint, NULL::text, NULL::integer,
+                                        NULL::text, NULL::timestamptz, NULL::interval;
+                    RETURN;
                 END IF;
             END IF;
-            PERFORM set_config('pglease.quiet', CASE WHEN quiet THEN 'on' ELSE 'off' END, true);
+            -- Quietly unless someone else waits: they are told (a freed
+            -- permit may be theirs); else the key is about to be held again.
+            IF quiet IS NULL THEN
+                quiet := NOT EXISTS (SELECT FROM waiters w WHERE w.name = nm AND w.entity_id = ident
+                                        AND w.holder_id <> p_holder);
+            END IF;
+            IF quiet THEN
+                PERFORM set_config('pglease.quiet', 'on', true);
+            END IF;
             DELETE FROM locks l WHERE l.name = nm AND l.entity_id = ident AND l.token = r.token;
-            PERFORM set_config('pglease.quiet', 'off', true);
+            IF quiet THEN
+                PERFORM set_config('pglease.quiet', 'off', true);
+            END IF;
         END LOOP;
-
-        -- Kinds must agree: a semaphore is one with every permit holder and
-        -- waiter of its key, and never a lock at the same time.
-        SELECT x.kind, x.permits INTO r FROM (
-            SELECT l.kind, l.permits FROM locks l JOIN holders h ON h.id = l.holder_id
-             WHERE l.name = nm AND l.entity_id = ident AND h.expires_at > clock_timestamp()
-            UNION ALL
-            SELECT w.kind, w.permits FROM waiters w JOIN holders h ON h.id = w.holder_id
-             WHERE w.name = nm AND w.entity_id = ident AND w.holder_id <> p_holder
-               AND h.expires_at > clock_timestamp()) x
-         WHERE CASE WHEN kd = 'p' THEN x.kind <> 'p' OR x.permits <> p_permits ELSE x.kind = 'p' END
-         LIMIT 1;
-        IF FOUND THEN
-            RAISE EXCEPTION 'pglease: (%, %) is in use as %', nm, ident,
-                CASE WHEN r.kind = 'p' THEN format('a semaphore of %s permits', r.permits)
-                     WHEN r.kind = 's' THEN 'a shared lock' ELSE 'an exclusive lock' END
-                USING ERRCODE = '55L05',
-                      HINT = 'every user of a key must ask for it as the same kind, and a semaphore with the same number of permits';
-        END IF;
 
         -- The queue ahead of the caller. Waiters of dead holders go.
         ahead_n := 0;
         ahead_x := false;
         mine := NULL;
         FOR r IN SELECT w.id, w.holder_id, w.kind, w.permits,
-                        coalesce(h.expires_at > clock_timestamp(), false) AS alive
-                   FROM waiters w LEFT JOIN holders h ON h.id = w.holder_id
+                        coalesce((SELECT h.expires_at FROM holders h WHERE h.id = w.holder_id)
+                                 > clock_timestamp(), false) AS alive
+                   FROM waiters w
                   WHERE w.name = nm AND w.entity_id = ident ORDER BY w.id LOOP
             IF r.holder_id = p_holder THEN
                 IF r.kind = kd AND r.permits = p_permits THEN
                     mine := r.id;
+                    had_mine := true;
                 ELSE -- asked for as something else now: queue anew
                     PERFORM set_config('pglease.quiet', 'on', true);
                     DELETE FROM waiters w WHERE w.id = r.id;
@@ -366,6 +409,9 @@ BEGIN
             IF NOT r.alive THEN
                 DELETE FROM waiters w WHERE w.id = r.id;
                 CONTINUE;
+            END IF;
+            IF (kd = 'p') <> (r.kind = 'p') OR (kd = 'p' AND r.permits <> p_permits) THEN
+                PERFORM kind_conflict(nm, ident, r.kind, r.permits);
             END IF;
             ahead_n := ahead_n + 1;
             ahead_x := ahead_x OR r.kind = 'x';
@@ -396,11 +442,13 @@ BEGIN
               FROM generate_series(1, n) x(i)
             ON CONFLICT ON CONSTRAINT waiters_key_holder DO NOTHING;
         END IF;
-        SELECT l.holder_id, l.acquired_at, h.host, h.pid, h.application, h.expires_at INTO r
-          FROM locks l JOIN holders h ON h.id = l.holder_id
-         WHERE l.name = p_names[first_no] AND l.entity_id = p_ids[first_no]
-           AND l.holder_id <> p_holder AND h.expires_at > clock_timestamp()
-         ORDER BY l.kind = 'x' DESC, l.token LIMIT 1;
+        SELECT x.holder_id, x.acquired_at, h.host, h.pid, h.application, h.expires_at INTO r
+          FROM (SELECT l.holder_id, l.acquired_at FROM locks l
+                 WHERE l.name = p_names[first_no] AND l.entity_id = p_ids[first_no]
+                   AND l.holder_id <> p_holder
+                   AND (SELECT hh.expires_at FROM holders hh WHERE hh.id = l.holder_id) > clock_timestamp()
+                 ORDER BY l.kind = 'x' DESC, l.token LIMIT 1) x
+          LEFT JOIN holders h ON h.id = x.holder_id;
         RETURN QUERY SELECT false, NULL::bigint[], NULL::bigint[], NULL::timestamptz,
                             false, p_wait, first_no, r.holder_id, r.host, r.pid, r.application,
                             r.acquired_at, r.expires_at - clock_timestamp();
@@ -412,11 +460,13 @@ BEGIN
     IF NOT EXISTS (SELECT FROM token_guard) THEN
         PERFORM guard_tokens();
     END IF;
-    PERFORM set_config('pglease.quiet', 'on', true);
-    DELETE FROM waiters w
-     USING unnest(p_names, p_ids) AS u(a, b)
-     WHERE w.name = u.a AND w.entity_id = u.b AND w.holder_id = p_holder;
-    PERFORM set_config('pglease.quiet', 'off', true);
+    IF had_mine THEN
+        PERFORM set_config('pglease.quiet', 'on', true);
+        DELETE FROM waiters w
+         USING unnest(p_names, p_ids) AS u(a, b)
+         WHERE w.name = u.a AND w.entity_id = u.b AND w.holder_id = p_holder;
+        PERFORM set_config('pglease.quiet', 'off', true);
+    END IF;
     n_tokens := array_fill(NULL::bigint, ARRAY[n]);
     n_slots := array_fill(NULL::bigint, ARRAY[n]);
     FOR i IN 1..n LOOP
@@ -771,7 +821,10 @@ SELECT w.name,
   FROM waiters w
   LEFT JOIN holders h ON h.id = w.holder_id;
 
--- The grant sets, with what this version adds.
+-- The grant sets, with what this version adds. The application may read
+-- token_guard: advisory_acquire_shared, which runs with its caller's rights,
+-- reads the guard row on every call rather than trusting a session setting
+-- (anyone may set one in their own session).
 -- +goose StatementBegin
 CREATE OR REPLACE FUNCTION grant_application(p_role regrole) RETURNS void
 LANGUAGE plpgsql AS $$
@@ -789,7 +842,7 @@ BEGIN
               'advisory_acquire_shared(text,text,bigint,boolean)',
               'advisory_release_shared(text,text,bigint,bigint)',
               'advisory_unlock_shared_if_held(bigint)', 'advisory_takeover_kinds(text,text,"char"[])'],
-        ARRAY['locks', 'held', 'holder_status', 'advisory_held', 'waiting']);
+        ARRAY['locks', 'held', 'holder_status', 'advisory_held', 'waiting', 'token_guard']);
     EXECUTE format('GRANT USAGE ON SEQUENCE %s TO %s', 'token_seq'::regclass, p_role);
 END
 $$;
@@ -1239,6 +1292,7 @@ $$;
 -- +goose StatementEnd
 DROP FUNCTION advisory_takeover_kinds(text, text, "char"[]);
 DROP FUNCTION grant_keys(text[], text[], "char"[], integer, bigint, boolean, bigint[]);
+DROP FUNCTION kind_conflict(text, text, "char", integer);
 -- +goose StatementBegin
 DO $$
 BEGIN
