@@ -186,7 +186,7 @@ func BenchmarkAdvisoryOneKey8Clients(b *testing.B) {
 	b.StopTimer()
 	raw := (raw1.perSec + raw2.perSec) / 2
 	if s.elapsed > 0 {
-		b.ReportMetric(float64(s.elapsed)/float64(b.N), "ns/op")
+		b.ReportMetric(float64(s.elapsed)/float64(s.count), "ns/op")
 	}
 	b.ReportMetric(s.perSec, "handoffs/s")
 	b.ReportMetric(s.p50, "p50_ms")

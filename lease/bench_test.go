@@ -135,7 +135,54 @@ func rawPair(ctx context.Context, q *pgxpool.Pool, table, id string, token int64
 	return err
 }
 
+// rawPairOp returns an op that runs rawPair on a table and a one-connection
+// pool of its own, failing the benchmark on an error.
+func (e *bench) rawPairOp() func() {
+	e.b.Helper()
+	table, pool := e.rawTable(), e.pool(1, nil)
+	var token int64
+	return func() {
+		token++
+		if err := rawPair(e.ctx, pool, table, "1", token); err != nil {
+			e.b.Fatal(err)
+		}
+	}
+}
+
 func us(d time.Duration, n int) float64 { return float64(d) / float64(n) / 1e3 }
+
+// interleaved runs every op once per iteration, b.N iterations, rotating
+// their order so that none of them always follows another, and returns the
+// time spent in each. The benchmark's timer covers the loop only.
+func interleaved(b *testing.B, ops ...func()) []time.Duration {
+	spent := make([]time.Duration, len(ops))
+	b.ResetTimer()
+	for i := range b.N {
+		for j := range ops {
+			k := (i + j) % len(ops)
+			start := time.Now()
+			ops[k]()
+			spent[k] += time.Since(start)
+		}
+	}
+	b.StopTimer()
+	return spent
+}
+
+// acquireRelease returns an op that takes key with acquire (c.Acquire,
+// c.AcquireShared, ...) and releases it at once, failing the benchmark on
+// an error.
+func (e *bench) acquireRelease(acquire func(context.Context, lease.Key) (*lease.Lock, error), key lease.Key) func() {
+	return func() {
+		l, err := acquire(e.ctx, key)
+		if err != nil {
+			e.b.Fatal(err)
+		}
+		if err := l.Release(e.ctx); err != nil {
+			e.b.Fatal(err)
+		}
+	}
+}
 
 // BenchmarkUncontended: Acquire+Release of a free key by one client, against
 // a raw durable INSERT+DELETE pair and an advisory lock+unlock pair,
@@ -144,24 +191,14 @@ func us(d time.Duration, n int) float64 { return float64(d) / float64(n) / 1e3 }
 //	go test -run '^$' -bench Uncontended -benchtime 3000x ./lease/
 func BenchmarkUncontended(b *testing.B) {
 	e := newBench(b)
-	raw := e.rawTable()
-	rawPool := e.pool(1, nil)
+	rawOnce := e.rawPairOp()
 	advConn, err := e.pool(1, nil).Acquire(e.ctx)
 	if err != nil {
 		b.Fatal(err)
 	}
 	defer advConn.Release()
 	c := e.client(lease.Config{}, 4, nil)
-	k := lease.Key{Name: "bench", ID: "1"}
-	pair := func() {
-		l, err := c.Acquire(e.ctx, k)
-		if err != nil {
-			b.Fatal(err)
-		}
-		if err := l.Release(e.ctx); err != nil {
-			b.Fatal(err)
-		}
-	}
+	pair := e.acquireRelease(c.Acquire, lease.Key{Name: "bench", ID: "1"})
 	adv := func() {
 		if _, err := advConn.Exec(e.ctx, "SELECT pg_advisory_lock(42)"); err != nil {
 			b.Fatal(err)
@@ -170,36 +207,13 @@ func BenchmarkUncontended(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
-	rawOnce := func(i int) {
-		if err := rawPair(e.ctx, rawPool, raw, "1", int64(i)); err != nil {
-			b.Fatal(err)
-		}
-	}
-	for i := range 50 { // register the holder, warm pools and caches
+	for range 50 { // register the holder, warm pools and caches
 		pair()
 		adv()
-		rawOnce(i)
+		rawOnce()
 	}
-	var tLease, tRaw, tAdv time.Duration
-	b.ResetTimer()
-	for i := range b.N {
-		// Rotate the order so that none of them always follows another.
-		for j := range 3 {
-			start := time.Now()
-			switch (i + j) % 3 {
-			case 0:
-				pair()
-				tLease += time.Since(start)
-			case 1:
-				rawOnce(i)
-				tRaw += time.Since(start)
-			case 2:
-				adv()
-				tAdv += time.Since(start)
-			}
-		}
-	}
-	b.StopTimer()
+	t := interleaved(b, pair, rawOnce, adv)
+	tLease, tRaw, tAdv := t[0], t[1], t[2]
 	b.ReportMetric(float64(tLease)/float64(b.N), "ns/op")
 	b.ReportMetric(us(tLease, b.N), "lease_us")
 	b.ReportMetric(us(tRaw, b.N), "raw_us")
@@ -236,21 +250,8 @@ func BenchmarkTryAcquireHeld(b *testing.B) {
 		try()
 		sel()
 	}
-	var tTry, tSel time.Duration
-	b.ResetTimer()
-	for i := range b.N {
-		for j := range 2 {
-			start := time.Now()
-			if (i+j)%2 == 0 {
-				try()
-				tTry += time.Since(start)
-			} else {
-				sel()
-				tSel += time.Since(start)
-			}
-		}
-	}
-	b.StopTimer()
+	t := interleaved(b, try, sel)
+	tTry, tSel := t[0], t[1]
 	b.ReportMetric(float64(tTry)/float64(b.N), "ns/op")
 	b.ReportMetric(us(tTry, b.N), "try_us")
 	b.ReportMetric(us(tSel, b.N), "select1_us")
@@ -267,8 +268,14 @@ type handoffs struct {
 	lat         []float64 // release start → next acquisition, ms
 	self        int       // acquisitions by the client that released last
 	perClient   []int     // acquisitions per client
-	start, end  time.Time
+	start, end  time.Time // first and last acquisition
 }
+
+// phaseCap ends a phase of a many-client benchmark that is still short of
+// its count after this long, so that a slow engine cannot make one run take
+// hours; its rates are then over the acquisitions it made (the count metric
+// says how many).
+const phaseCap = 20 * time.Second
 
 func newHandoffs(clients, limit int) *handoffs {
 	return &handoffs{limit: limit, lastHolder: -1, perClient: make([]int, clients)}
@@ -285,8 +292,12 @@ func (h *handoffs) acquired(i int) bool {
 	}
 	if h.n == 0 {
 		h.start = now
+	} else if now.Sub(h.start) > phaseCap {
+		h.limit = h.n
+		return false
 	}
 	h.n++
+	h.end = now
 	h.perClient[i]++
 	if !h.lastRelease.IsZero() {
 		h.lat = append(h.lat, float64(now.Sub(h.lastRelease))/1e6)
@@ -295,9 +306,6 @@ func (h *handoffs) acquired(i int) bool {
 		}
 	}
 	h.lastHolder = i
-	if h.n == h.limit {
-		h.end = now
-	}
 	return true
 }
 
@@ -315,6 +323,7 @@ func (h *handoffs) done() bool {
 
 type handoffStats struct {
 	perSec, p50, p99, minShare, maxShare, self float64
+	count                                      int // acquisitions measured
 	elapsed                                    time.Duration
 }
 
@@ -325,6 +334,7 @@ func (h *handoffs) stats() handoffStats {
 	if h.n < 2 {
 		return s
 	}
+	s.count = h.n
 	s.elapsed = h.end.Sub(h.start)
 	s.perSec = float64(h.n-1) / s.elapsed.Seconds()
 	lat := slices.Clone(h.lat)
@@ -349,11 +359,21 @@ func percentile(sorted []float64, p float64) float64 {
 	return sorted[max(i, 0)]
 }
 
-// oneKeyPglease runs clients that each take the key, hold it, release it and
-// start over, until limit acquisitions. It returns the stats and the acquire
-// statements the waiters sent (every attempt that did not acquire).
+// oneKeyPglease runs clients that each take the key exclusively, hold it,
+// release it and start over, until limit acquisitions. It returns the stats
+// and the acquire statements the waiters sent (every attempt that did not
+// acquire).
 func oneKeyPglease(e *bench, clients []*lease.Client, hold time.Duration, limit int) (handoffStats, int64) {
 	k := lease.Key{Name: "bench", ID: "one"}
+	return oneKeyRounds(e, clients, func(ctx context.Context, i int) (*lease.Lock, error) {
+		return clients[i].Acquire(ctx, k)
+	}, hold, limit)
+}
+
+// oneKeyRounds is oneKeyPglease with client i acquiring by acquire(ctx, i):
+// of any kind, on one key.
+func oneKeyRounds(e *bench, clients []*lease.Client, acquire func(ctx context.Context, i int) (*lease.Lock, error),
+	hold time.Duration, limit int) (handoffStats, int64) {
 	h := newHandoffs(len(clients), limit)
 	var before int64
 	for _, c := range clients {
@@ -363,12 +383,12 @@ func oneKeyPglease(e *bench, clients []*lease.Client, hold time.Duration, limit 
 	defer cancel()
 	var got atomic.Int64 // successful acquisitions, within the limit or not
 	var wg sync.WaitGroup
-	for i, c := range clients {
+	for i := range clients {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			for {
-				l, err := c.Acquire(ctx, k)
+				l, err := acquire(ctx, i)
 				if err != nil {
 					if ctx.Err() == nil {
 						e.b.Errorf("acquire: %v", err)
@@ -437,8 +457,9 @@ func oneKeyAdvisory(e *bench, conns []*pgx.Conn, hold time.Duration, limit int) 
 
 // BenchmarkOneKey8Clients: eight clients, each with its own pool, take turns
 // on one key, holding it 0 or 2 ms. b.N is the number of pglease
-// acquisitions; a blocking advisory lock on eight connections runs b.N/2
-// acquisitions before and after as the baseline.
+// acquisitions (fewer if a phase reaches phaseCap: see count); a blocking
+// advisory lock on eight connections runs b.N/2 acquisitions before and
+// after as the baseline.
 //
 //	go test -run '^$' -bench OneKey8Clients -benchtime 6000x ./lease/
 func BenchmarkOneKey8Clients(b *testing.B) {
@@ -474,8 +495,9 @@ func BenchmarkOneKey8Clients(b *testing.B) {
 				minShare: min(adv1.minShare, adv2.minShare),
 			}
 			if s.elapsed > 0 {
-				b.ReportMetric(float64(s.elapsed)/float64(b.N), "ns/op")
+				b.ReportMetric(float64(s.elapsed)/float64(s.count), "ns/op")
 			}
+			b.ReportMetric(float64(s.count), "count")
 			b.ReportMetric(s.perSec, "handoffs/s")
 			b.ReportMetric(s.p50, "p50_ms")
 			b.ReportMetric(s.p99, "p99_ms")
@@ -484,7 +506,7 @@ func BenchmarkOneKey8Clients(b *testing.B) {
 			b.ReportMetric(s.self, "same_client")
 			if s.elapsed > 0 {
 				b.ReportMetric(float64(waiterQueries)/s.elapsed.Seconds(), "waiter_q/s")
-				b.ReportMetric(float64(waiterQueries)/float64(b.N), "waiter_q/handoff")
+				b.ReportMetric(float64(waiterQueries)/float64(s.count), "waiter_q/handoff")
 			}
 			b.ReportMetric(adv.perSec, "adv_handoffs/s")
 			b.ReportMetric(adv.p50, "adv_p50_ms")
@@ -654,34 +676,13 @@ func BenchmarkMillionRows(b *testing.B) {
 	cFull := full.client(lease.Config{}, 4, nil)
 	cEmpty := empty.client(lease.Config{}, 4, nil)
 	k := lease.Key{Name: "bench", ID: "1"}
-	pair := func(c *lease.Client) {
-		l, err := c.Acquire(full.ctx, k)
-		if err != nil {
-			b.Fatal(err)
-		}
-		if err := l.Release(full.ctx); err != nil {
-			b.Fatal(err)
-		}
-	}
+	pairFull, pairEmpty := full.acquireRelease(cFull.Acquire, k), full.acquireRelease(cEmpty.Acquire, k)
 	for range 50 {
-		pair(cFull)
-		pair(cEmpty)
+		pairFull()
+		pairEmpty()
 	}
-	var tFull, tEmpty time.Duration
-	b.ResetTimer()
-	for i := range b.N {
-		for j := range 2 {
-			start := time.Now()
-			if (i+j)%2 == 0 {
-				pair(cFull)
-				tFull += time.Since(start)
-			} else {
-				pair(cEmpty)
-				tEmpty += time.Since(start)
-			}
-		}
-	}
-	b.StopTimer()
+	t := interleaved(b, pairFull, pairEmpty)
+	tFull, tEmpty := t[0], t[1]
 	b.ReportMetric(float64(tFull)/float64(b.N), "ns/op")
 	b.ReportMetric(us(tFull, b.N), "full_us")
 	b.ReportMetric(us(tEmpty, b.N), "empty_us")

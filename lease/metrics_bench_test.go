@@ -3,7 +3,6 @@ package lease_test
 import (
 	"context"
 	"testing"
-	"time"
 
 	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
 	"go.opentelemetry.io/otel/sdk/metric/metricdata"
@@ -24,40 +23,21 @@ func BenchmarkMetricsOverhead(b *testing.B) {
 	r := sdkmetric.NewManualReader()
 	mp := sdkmetric.NewMeterProvider(sdkmetric.WithReader(r))
 	b.Cleanup(func() { _ = mp.Shutdown(context.Background()) })
-	arms := []struct {
-		c *lease.Client
-		k lease.Key
-		t time.Duration
-	}{
-		{c: e.client(lease.Config{}, 4, nil), k: lease.Key{Name: "bench", ID: "without"}},
-		{c: e.client(lease.Config{MeterProvider: mp}, 4, nil), k: lease.Key{Name: "bench", ID: "with"}},
-		{c: e.client(lease.Config{}, 4, nil), k: lease.Key{Name: "bench", ID: "control"}},
+	pair := func(c *lease.Client, id string) func() {
+		return e.acquireRelease(c.Acquire, lease.Key{Name: "bench", ID: id})
 	}
-	pair := func(c *lease.Client, k lease.Key) {
-		l, err := c.Acquire(e.ctx, k)
-		if err != nil {
-			b.Fatal(err)
-		}
-		if err := l.Release(e.ctx); err != nil {
-			b.Fatal(err)
-		}
+	arms := []func(){
+		pair(e.client(lease.Config{}, 4, nil), "without"),
+		pair(e.client(lease.Config{MeterProvider: mp}, 4, nil), "with"),
+		pair(e.client(lease.Config{}, 4, nil), "control"),
 	}
 	const warm = 50 // register the holders, warm pools and caches
 	for range warm {
-		for _, a := range arms {
-			pair(a.c, a.k)
+		for _, arm := range arms {
+			arm()
 		}
 	}
-	b.ResetTimer()
-	for i := range b.N {
-		for j := range arms { // rotate the order so that none always follows another
-			a := &arms[(i+j)%len(arms)]
-			start := time.Now()
-			pair(a.c, a.k)
-			a.t += time.Since(start)
-		}
-	}
-	b.StopTimer()
+	t := interleaved(b, arms...)
 	var rm metricdata.ResourceMetrics
 	if err := r.Collect(context.Background(), &rm); err != nil {
 		b.Fatal(err)
@@ -75,7 +55,7 @@ func BenchmarkMetricsOverhead(b *testing.B) {
 	if recorded != uint64(b.N+warm) {
 		b.Fatalf("%d acquires recorded, want %d", recorded, b.N+warm)
 	}
-	without, with, control := arms[0].t, arms[1].t, arms[2].t
+	without, with, control := t[0], t[1], t[2]
 	b.ReportMetric(float64(with)/float64(b.N), "ns/op")
 	b.ReportMetric(us(without, b.N), "without_us")
 	b.ReportMetric(us(with, b.N), "with_us")
