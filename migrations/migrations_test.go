@@ -182,6 +182,7 @@ var released = map[string]string{
 	"00003_engine.sql":   "0216d06db2a63cc3292a2d0ad7b2aa33779eab85c7662c2bd8cad91f212ec4c2",
 	"00004_reap.sql":     "6de0f98bd31efb01ee53428054e064d700bcf4124a6a8d8ea11bb6e9056837d4",
 	"00005_roles.sql":    "9e179b5e05d7e0d6b9ec3f8f97c121e6dfc3c1675bd9893ab752f226c34ac8fe",
+	"00006_kinds.sql":    "ac6cbe0c2a2445b10d3f2d9dc34601da13994c968419dd50d36250bdabefc75c",
 }
 
 func TestReleasedMigrationsUnchanged(t *testing.T) {
