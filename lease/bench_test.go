@@ -151,10 +151,16 @@ func (e *bench) rawPairOp() func() {
 
 func us(d time.Duration, n int) float64 { return float64(d) / float64(n) / 1e3 }
 
-// interleaved runs every op once per iteration, b.N iterations, rotating
-// their order so that none of them always follows another, and returns the
-// time spent in each. The benchmark's timer covers the loop only.
-func interleaved(b *testing.B, ops ...func()) []time.Duration {
+// interleaved runs every op warm times (registering holders, warming pools
+// and caches), then once per iteration, b.N iterations, rotating their order
+// so that none of them always follows another, and returns the time spent in
+// each. The benchmark's timer covers the iterations only.
+func interleaved(b *testing.B, warm int, ops ...func()) []time.Duration {
+	for range warm {
+		for _, op := range ops {
+			op()
+		}
+	}
 	spent := make([]time.Duration, len(ops))
 	b.ResetTimer()
 	for i := range b.N {
@@ -207,12 +213,7 @@ func BenchmarkUncontended(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
-	for range 50 { // register the holder, warm pools and caches
-		pair()
-		adv()
-		rawOnce()
-	}
-	t := interleaved(b, pair, rawOnce, adv)
+	t := interleaved(b, 50, pair, rawOnce, adv)
 	tLease, tRaw, tAdv := t[0], t[1], t[2]
 	b.ReportMetric(float64(tLease)/float64(b.N), "ns/op")
 	b.ReportMetric(us(tLease, b.N), "lease_us")
@@ -246,11 +247,7 @@ func BenchmarkTryAcquireHeld(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
-	for range 50 {
-		try()
-		sel()
-	}
-	t := interleaved(b, try, sel)
+	t := interleaved(b, 50, try, sel)
 	tTry, tSel := t[0], t[1]
 	b.ReportMetric(float64(tTry)/float64(b.N), "ns/op")
 	b.ReportMetric(us(tTry, b.N), "try_us")
@@ -677,11 +674,7 @@ func BenchmarkMillionRows(b *testing.B) {
 	cEmpty := empty.client(lease.Config{}, 4, nil)
 	k := lease.Key{Name: "bench", ID: "1"}
 	pairFull, pairEmpty := full.acquireRelease(cFull.Acquire, k), full.acquireRelease(cEmpty.Acquire, k)
-	for range 50 {
-		pairFull()
-		pairEmpty()
-	}
-	t := interleaved(b, pairFull, pairEmpty)
+	t := interleaved(b, 50, pairFull, pairEmpty)
 	tFull, tEmpty := t[0], t[1]
 	b.ReportMetric(float64(tFull)/float64(b.N), "ns/op")
 	b.ReportMetric(us(tFull, b.N), "full_us")

@@ -30,12 +30,7 @@ func BenchmarkSharedUncontended(b *testing.B) {
 	c := e.client(lease.Config{}, 4, nil)
 	shared := e.acquireRelease(c.AcquireShared, lease.Key{Name: "bench", ID: "shared"})
 	exclusive := e.acquireRelease(c.Acquire, lease.Key{Name: "bench", ID: "exclusive"})
-	for range 50 { // register the holder, warm pools and caches
-		shared()
-		exclusive()
-		rawOnce()
-	}
-	t := interleaved(b, shared, exclusive, rawOnce)
+	t := interleaved(b, 50, shared, exclusive, rawOnce)
 	tShared, tExcl, tRaw := t[0], t[1], t[2]
 	b.ReportMetric(float64(tShared)/float64(b.N), "ns/op")
 	b.ReportMetric(us(tShared, b.N), "shared_us")
@@ -180,7 +175,7 @@ func meanRW(a, b rwStats) rwStats {
 // BenchmarkReadersWriter: eight readers (AcquireShared) and one writer
 // (Acquire) on one key, each a client with its own pool, each holding the
 // key 0 or 2 ms at a time and asking again at once. b.N is the number of
-// reads. Two baselines, b.N/2 reads before and b.N/2 after: the eight
+// reads (fewer if a phase reaches phaseCap: see count). Two baselines, b.N/2 reads before and b.N/2 after: the eight
 // readers alone, and the same load on the server's own reader/writer lock
 // (pg_advisory_lock_shared on eight connections, pg_advisory_lock on a
 // ninth).
@@ -245,7 +240,7 @@ func (e *bench) conn() *pgx.Conn {
 
 // BenchmarkSemaphore8Clients: eight clients, each with its own pool, take
 // permits of one semaphore of 4, holding one 0 or 2 ms at a time: b.N
-// acquisitions. Baselines, b.N/2 acquisitions before and after: the same
+// acquisitions (fewer if a phase reaches phaseCap: see count). Baselines, b.N/2 acquisitions before and after: the same
 // clients taking turns on an exclusive key, and eight connections blocking
 // in pg_advisory_lock.
 //
@@ -338,12 +333,7 @@ func BenchmarkSet10(b *testing.B) {
 			}
 		}
 	}
-	for range 20 { // register the holder, warm pools and caches
-		set()
-		one()
-		rawOnce()
-	}
-	t := interleaved(b, set, one, rawOnce)
+	t := interleaved(b, 20, set, one, rawOnce)
 	tSet, tSingles, tRaw := t[0], t[1], t[2]
 	b.ReportMetric(float64(tSet)/float64(b.N), "ns/op")
 	b.ReportMetric(us(tSet, b.N), "set_us")
