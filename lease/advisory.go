@@ -196,7 +196,7 @@ func (a *Advisory) TryAcquire(ctx context.Context, key Key) (*Lock, error) {
 // Do acquires key on the advisory path, runs fn with the lock and a context
 // cancelled if the lock is lost, and releases it, like Client.Do.
 func (a *Advisory) Do(ctx context.Context, key Key, fn func(ctx context.Context, l *Lock) error) error {
-	return runHeld(ctx, key, a.Acquire, fn)
+	return runHeld(ctx, key.String(), func(ctx context.Context) (*Lock, error) { return a.Acquire(ctx, key) }, fn)
 }
 
 // What advisory_acquire returns when it did not acquire.

@@ -183,7 +183,7 @@ func (c *Client) TryAcquire(ctx context.Context, key Key) (*Lock, error) {
 // Lock.BeginTxFunc). If the lock was lost before fn returned, the error
 // matches ErrLost (joined with fn's own error, if any).
 func (c *Client) Do(ctx context.Context, key Key, fn func(ctx context.Context, l *Lock) error) error {
-	return runHeld(ctx, key, c.Acquire, fn)
+	return runHeld(ctx, key.String(), func(ctx context.Context) (*Lock, error) { return c.Acquire(ctx, key) }, fn)
 }
 
 // Close releases every lock the client holds, deletes its holder row, stops

@@ -403,33 +403,52 @@ func (c *Client) lockedHereLocked(key Key) *LockedError {
 	return &LockedError{Key: key, Host: c.cfg.Owner.Host, PID: c.cfg.Owner.PID, Application: c.cfg.Owner.Application}
 }
 
-// runHeld is Do for both modes: acquire, run fn under the lock with a
-// context that ends with ctx or with the lock (its cause then the lock's),
-// release (also when fn panics: the panic goes on after the release), and
-// report a loss during fn as the lock's *LostError.
-func runHeld(ctx context.Context, key Key, acquire func(context.Context, Key) (*Lock, error), fn func(ctx context.Context, l *Lock) error) (err error) {
-	l, err := acquire(ctx, key)
+// hold is what a critical section runs under: a Lock, or a LockSet.
+type hold interface {
+	Context() context.Context
+	Err() error
+	Release(context.Context) error
+	// carry returns ctx carrying the hold's locks (see withHeld).
+	carry(ctx context.Context) context.Context
+}
+
+func (l *Lock) carry(ctx context.Context) context.Context { return withHeld(ctx, l) }
+
+func (s *LockSet) carry(ctx context.Context) context.Context {
+	for _, l := range s.locks {
+		ctx = withHeld(ctx, l)
+	}
+	return ctx
+}
+
+// runHeld is every Do: acquire, run fn under the hold with a context that
+// ends with ctx or with the hold (its cause then the hold's), release (also
+// when fn panics: the panic goes on after the release), and report a loss
+// during fn as an error matching ErrLost. what names the hold in that error.
+func runHeld[H hold](ctx context.Context, what string, acquire func(context.Context) (H, error), fn func(ctx context.Context, h H) error) (err error) {
+	h, err := acquire(ctx)
 	if err != nil {
 		return err
 	}
 	released := false
 	defer func() {
 		if !released { // fn panicked
-			_ = l.Release(context.WithoutCancel(ctx))
+			_ = h.Release(context.WithoutCancel(ctx))
 		}
 	}()
-	fctx, cancel := context.WithCancelCause(withHeld(ctx, l))
-	stop := context.AfterFunc(l.ctx, func() { cancel(context.Cause(l.ctx)) })
+	fctx, cancel := context.WithCancelCause(h.carry(ctx))
+	hctx := h.Context()
+	stop := context.AfterFunc(hctx, func() { cancel(context.Cause(hctx)) })
 	defer func() {
 		stop()
 		cancel(nil)
 	}()
-	ferr := fn(fctx, l)
-	lost := l.Err()
-	rerr := l.Release(context.WithoutCancel(ctx))
+	ferr := fn(fctx, h)
+	lost := h.Err()
+	rerr := h.Release(context.WithoutCancel(ctx))
 	released = true
 	if errors.Is(lost, ErrLost) {
-		return errors.Join(fmt.Errorf("lease: %s: during the critical section: %w", key, lost), ferr)
+		return errors.Join(fmt.Errorf("lease: %s: during the critical section: %w", what, lost), ferr)
 	}
 	return errors.Join(ferr, rerr)
 }

@@ -178,7 +178,7 @@ func (c *Client) TryAcquireShared(ctx context.Context, key Key) (*Lock, error) {
 
 // DoShared is Do with a shared lock.
 func (c *Client) DoShared(ctx context.Context, key Key, fn func(ctx context.Context, l *Lock) error) error {
-	return runHeld(ctx, key, c.AcquireShared, fn)
+	return runHeld(ctx, key.String(), func(ctx context.Context) (*Lock, error) { return c.AcquireShared(ctx, key) }, fn)
 }
 
 // Semaphore is a key with a number of permits: at most Permits holders at
@@ -229,7 +229,7 @@ func (s *Semaphore) TryAcquire(ctx context.Context) (*Lock, error) {
 
 // Do is Client.Do with one permit.
 func (s *Semaphore) Do(ctx context.Context, fn func(ctx context.Context, l *Lock) error) error {
-	return runHeld(ctx, s.key, func(ctx context.Context, _ Key) (*Lock, error) { return s.Acquire(ctx) }, fn)
+	return runHeld(ctx, s.key.String(), s.Acquire, fn)
 }
 
 // AcquireShared takes key shared on the advisory path:
@@ -246,5 +246,5 @@ func (a *Advisory) TryAcquireShared(ctx context.Context, key Key) (*Lock, error)
 
 // DoShared is Do with a shared advisory lock.
 func (a *Advisory) DoShared(ctx context.Context, key Key, fn func(ctx context.Context, l *Lock) error) error {
-	return runHeld(ctx, key, a.AcquireShared, fn)
+	return runHeld(ctx, key.String(), func(ctx context.Context) (*Lock, error) { return a.AcquireShared(ctx, key) }, fn)
 }

@@ -65,34 +65,8 @@ func (c *Client) TryAcquireSet(ctx context.Context, members []SetMember) (*LockS
 // DoSet acquires the set, runs fn with it and a context that ends if any of
 // its locks is lost, and releases it (also when fn panics). If a lock was
 // lost before fn returned, the error matches ErrLost.
-func (c *Client) DoSet(ctx context.Context, members []SetMember, fn func(ctx context.Context, s *LockSet) error) (err error) {
-	s, err := c.AcquireSet(ctx, members)
-	if err != nil {
-		return err
-	}
-	released := false
-	defer func() {
-		if !released {
-			_ = s.Release(context.WithoutCancel(ctx))
-		}
-	}()
-	fctx, cancel := context.WithCancelCause(ctx)
-	for _, l := range s.locks {
-		fctx = withHeld(fctx, l)
-	}
-	stop := context.AfterFunc(s.ctx, func() { cancel(context.Cause(s.ctx)) })
-	defer func() {
-		stop()
-		cancel(nil)
-	}()
-	ferr := fn(fctx, s)
-	lost := s.Err()
-	rerr := s.Release(context.WithoutCancel(ctx))
-	released = true
-	if errors.Is(lost, ErrLost) {
-		return errors.Join(fmt.Errorf("lease: key set: during the critical section: %w", lost), ferr)
-	}
-	return errors.Join(ferr, rerr)
+func (c *Client) DoSet(ctx context.Context, members []SetMember, fn func(ctx context.Context, s *LockSet) error) error {
+	return runHeld(ctx, "key set", func(ctx context.Context) (*LockSet, error) { return c.AcquireSet(ctx, members) }, fn)
 }
 
 // validateSet checks members and returns them in canonical order (by key
