@@ -297,7 +297,7 @@ func (a *Advisory) dropOwnRow(ctx context.Context, key Key) bool {
 	c.mu.Lock()
 	h := c.h
 	live := h != nil && !h.lost
-	var keep []int64
+	keep := []int64{} // an array, not NULL
 	if ks := c.keys[key.mapKey()]; live && ks != nil {
 		keep = ks.tableTokensLocked(h)
 	}
@@ -308,7 +308,7 @@ func (a *Advisory) dropOwnRow(ctx context.Context, key Key) bool {
 	dctx, cancel := context.WithTimeout(ctx, c.cfg.ReleaseTimeout)
 	defer cancel()
 	var dropped int
-	err := c.pool.QueryRow(dctx, c.q.leave, key.Name, key.ID, h.id, h.secret, orEmpty(keep)).Scan(&dropped)
+	err := c.pool.QueryRow(dctx, c.q.leave, key.Name, key.ID, h.id, h.secret, keep).Scan(&dropped)
 	if err != nil || dropped == 0 {
 		return false
 	}

@@ -12,8 +12,8 @@ import "context"
 // statement went on after its ctx ended, or brought back by a crash that
 // undid a release; and h's waiter row of the key, left by acquirers that gave
 // up. It queues as a waiter on the key, so that no acquirer of this client
-// runs meanwhile, and keeps every grant the client then holds on the key. If the delete fails, it is tried
-// again after each renewal until it succeeds, the client acquires the key, or
+// runs meanwhile, and keeps every grant the client then holds on the key. If
+// the delete fails, it is tried again after each renewal until it succeeds or
 // the holder is lost; one that commits before a late insert is caught by the
 // heartbeat's count (see verify).
 func (c *Client) cleanupOrphan(key Key, h *holder) {
@@ -83,12 +83,4 @@ func (c *Client) releaseInBackground(h *holder, key Key, token int64) {
 		defer cancel()
 		_, _ = c.pool.Exec(ctx, c.q.release, key.Name, key.ID, token, h.id, h.secret)
 	}()
-}
-
-// orEmpty is s, or an empty slice for nil (a SQL array, not NULL).
-func orEmpty(s []int64) []int64 {
-	if s == nil {
-		return []int64{}
-	}
-	return s
 }
