@@ -213,6 +213,10 @@ func (a *Advisory) usableLocked() error {
 
 func (a *Advisory) subscribeFirst() bool { return false }
 
+// wideWake: an advisory waiter of a key held on the table path hears the
+// release on the schema's channel.
+func (a *Advisory) wideWake() bool { return true }
+
 func (a *Advisory) busyRetry() time.Duration { return 2 * time.Millisecond }
 
 // explain says who holds key, as far as one cheap look tells.

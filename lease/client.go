@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
 	"sync"
 	"sync/atomic"
 
@@ -91,7 +92,10 @@ func New(pool *pgxpool.Pool, cfg *Config) (*Client, error) {
 		Connect:     func(ctx context.Context) (*pgx.Conn, error) { return c.connect(ctx, nil) },
 		Channel:     channelName(rc.Schema),
 		AfterListen: c.markListening,
+		Unlisten:    c.unmarkListening,
 		OnDelete:    c.onRowDeleted,
+		OnHandoff:   c.onHandoff,
+		OnPoke:      c.onPoke,
 		Received:    c.met.notified,
 		Logger:      rc.Logger,
 	})
@@ -134,6 +138,51 @@ func (c *Client) markListening(ctx context.Context, conn *pgx.Conn) error {
 		return nil
 	}
 	return err
+}
+
+// unmarkListening undoes markListening on a connection that stops listening
+// on the schema's channel.
+func (c *Client) unmarkListening(ctx context.Context, conn *pgx.Conn) error {
+	_, err := conn.Exec(ctx, c.q.unmarkListening, c.cfg.Schema)
+	return err
+}
+
+// onHandoff is told by the dispatcher of a key the database handed to a
+// holder of this client. It is kept for the key's head acquirer (see
+// tableMode.attempt), if the client still wants the key; else the clean-up
+// that followed the last acquirer, or the heartbeat's check, deletes the
+// grant.
+func (c *Client) onHandoff(hd dispatch.Handoff) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	h := c.h
+	if h == nil || h.lost || hd.Channel != h.channel {
+		return
+	}
+	if ks := c.keys[hd.Key]; ks != nil && ks.wantedLocked() {
+		ks.handed = &hd
+	}
+}
+
+// onPoke is told by the dispatcher that the database asks the holder to look
+// at a key again: the next attempt goes through the key's locks. When no
+// acquirer of this client wants the key any more, a clean-up (leave) serves
+// the key instead, so that the waiters after ours are not left waiting for a
+// poke that came to us.
+func (c *Client) onPoke(mk string) {
+	c.mu.Lock()
+	ks := c.keys[mk]
+	if ks != nil && ks.wantedLocked() {
+		ks.poked = true
+		c.mu.Unlock()
+		return
+	}
+	h := c.h
+	c.mu.Unlock()
+	if h != nil {
+		name, id, _ := strings.Cut(mk, "\x00")
+		c.cleanupOrphan(Key{Name: name, ID: id}, h)
+	}
 }
 
 // Config returns the client's configuration with defaults filled in.

@@ -111,7 +111,7 @@ func (e *Election) Observe(ctx context.Context) <-chan Leader {
 	go func() {
 		defer c.wg.Done()
 		defer close(out)
-		sub := c.disp.Subscribe(e.key.mapKey())
+		sub := c.disp.Subscribe(e.key.mapKey(), true) // every release of the key
 		defer sub.Close()
 		var last Leader
 		first := true

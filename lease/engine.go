@@ -34,6 +34,9 @@ type acquireMode interface {
 	// before its first attempt (else only after a refusal, then asking again
 	// at once, so that a path that waits in the server never needs LISTEN).
 	subscribeFirst() bool
+	// wideWake: a waiter needs to hear every release of the key (the
+	// schema's channel), not only what the database tells its holder.
+	wideWake() bool
 	// busyRetry is how soon a waiter that found the key busy (being changed
 	// right now) looks again when no notification wakes it first.
 	busyRetry() time.Duration
@@ -51,7 +54,16 @@ type keyState struct {
 	// for the key (an attempt said so). The next acquirer keeps it; when the
 	// last one gives up without the key, a clean-up deletes it.
 	queued bool
-	queue  []*waiter
+	// waiterID is the waiter row the database has for this client's holder
+	// on the key, as the last attempt said (0: none known); handed is a
+	// grant the database handed over to the holder (serve, in migration 7),
+	// kept for the head acquirer, which takes it when it is for waiterID and
+	// of the kind it asks for; poked: the database asked the holder to ask
+	// again, through the key's locks.
+	waiterID int64
+	handed   *dispatch.Handoff
+	poked    bool
+	queue    []*waiter
 }
 
 // blocksLocked returns a lock this client holds on the key that keeps a
@@ -173,7 +185,7 @@ func (c *Client) acquireObserved(ctx context.Context, m acquireMode, key Key, re
 			}
 		}
 		if wait && sub == nil && m.subscribeFirst() {
-			sub = c.disp.Subscribe(mk)
+			sub = c.disp.Subscribe(mk, m.wideWake())
 		}
 		var wake <-chan struct{}
 		if sub != nil {
@@ -201,7 +213,7 @@ func (c *Client) acquireObserved(ctx context.Context, m acquireMode, key Key, re
 		}
 		obs.wait()
 		if sub == nil {
-			sub = c.disp.Subscribe(mk)
+			sub = c.disp.Subscribe(mk, m.wideWake())
 			continue
 		}
 		delay := dispatch.Jitter(c.cfg.PollInterval)
@@ -304,9 +316,14 @@ func (c *Client) leave(key Key, ks *keyState, w *waiter) {
 		}
 	}
 	h := c.h
-	drop := !w.cleanup && ks.queued && !ks.wantedLocked() && h != nil && !h.lost && !c.closed
+	drop := !w.cleanup && (ks.queued || ks.handed != nil) && !ks.wantedLocked() && h != nil && !h.lost && !c.closed
 	if drop {
+		// The clean-up deletes the waiter row, or the grant the database
+		// handed over meanwhile (which hands the key on).
 		ks.queued = false
+		ks.waiterID = 0
+		ks.handed = nil
+		ks.poked = false
 	}
 	c.gcKeyLocked(mk, ks)
 	c.mu.Unlock()

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"fmt"
+	"strconv"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -17,6 +18,7 @@ import (
 // Fields are guarded by Client.mu.
 type holder struct {
 	id       int64
+	channel  string          // where the database tells it of handoffs (see serve in migration 7)
 	secret   []byte          // the holder's credential (see register in migration 5)
 	deadline time.Time       // local: start of last good renewal + TTL - SafetyMargin
 	locks    map[int64]*Lock // held, by token
@@ -93,6 +95,7 @@ func (c *Client) ensureHolder(ctx context.Context) (*holder, error) {
 	}
 	h := &holder{
 		id:       id,
+		channel:  channelName(c.cfg.Schema) + "_" + strconv.FormatInt(id, 10),
 		secret:   secret,
 		deadline: start.Add(c.cfg.TTL - c.cfg.SafetyMargin),
 		locks:    map[int64]*Lock{},
@@ -101,6 +104,7 @@ func (c *Client) ensureHolder(ctx context.Context) (*holder, error) {
 	}
 	h.ctx, h.stop = context.WithCancel(context.Background())
 	c.h = h
+	c.disp.SetHolder(h.channel)
 	c.wg.Add(1)
 	go c.heartbeat(h, start)
 	c.log.Debug("pglease: holder registered", "holder_id", id)
@@ -321,6 +325,7 @@ func (c *Client) loseHolder(h *holder, reason LossReason) {
 	h.stop()
 	if c.h == h {
 		c.h = nil
+		c.disp.SetHolder("")
 	}
 	locks := make([]*Lock, 0, len(h.locks))
 	for _, l := range h.locks {

@@ -93,6 +93,8 @@ var notificationNames = [dispatch.NumKinds]string{
 	dispatch.KindTruncate: "truncate",
 	dispatch.KindProbe:    "probe",
 	dispatch.KindOther:    "other",
+	dispatch.KindHandoff:  "handoff",
+	dispatch.KindPoke:     "poke",
 }
 
 // durationBuckets suit both a round trip (a fraction of a millisecond) and a

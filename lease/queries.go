@@ -11,7 +11,8 @@ import (
 type queries struct {
 	register string
 	acquire  string
-	// acquireKeys is every table-path acquire (schema version 6).
+	// acquireKeys is every table-path acquire (schema version 7: with
+	// handoffs).
 	acquireKeys string
 	leave       string
 	release     string
@@ -21,8 +22,10 @@ type queries struct {
 	fence       string
 	leader      string // who holds a key, for elections
 	// markListening registers a LISTEN connection as a listener, so that
-	// advisory releases announce themselves to it.
-	markListening string
+	// releases announce themselves to it on channel(); unmarkListening
+	// undoes it.
+	markListening   string
+	unmarkListening string
 }
 
 func newQueries(schema string) queries {
@@ -34,8 +37,8 @@ func newQueries(schema string) queries {
 			FROM ` + s + `.acquire($1, $2, $3, $4)`,
 		acquireKeys: `SELECT acquired, tokens, slots, acquired_at, busy, queued, blocked,
 			holder_id, host, pid, application, held_since,
-			(extract(epoch FROM expires_in) * 1000000)::bigint
-			FROM ` + s + `.acquire_keys($1, $2, $3::text[]::"char"[], $4, $5, $6, $7, $8)`,
+			(extract(epoch FROM expires_in) * 1000000)::bigint, waiter
+			FROM ` + s + `.acquire_keys($1, $2, $3::text[]::"char"[], $4, $5, $6, $7, $8, $9)`,
 		leave:      `SELECT ` + s + `.leave($1, $2, $3, $4, $5)`,
 		release:    `SELECT ` + s + `.release($1, $2, $3, $4, $5)`,
 		renew:      `SELECT alive, locks, tokens_xor FROM ` + s + `.renew($1, $2)`,
@@ -46,7 +49,8 @@ func newQueries(schema string) queries {
 			(extract(epoch FROM time_left) * 1000000)::bigint
 			FROM ` + s + `.held WHERE name = $1 AND entity_id = $2 AND alive`,
 
-		markListening: `SELECT ` + s + `.mark_listening()`,
+		markListening:   `SELECT ` + s + `.mark_listening()`,
+		unmarkListening: `SELECT pg_catalog.pg_advisory_unlock_shared(1885826163, pg_catalog.hashtext($1))`,
 	}
 }
 

@@ -19,7 +19,7 @@ import (
 // schema_info() returns (version, compatible_from), and any schema with
 // compatible_from <= SchemaVersion <= version is accepted. A migration that
 // only adds keeps compatible_from; one that breaks older clients raises it.
-const SchemaVersion = 6
+const SchemaVersion = 7
 
 // Schema errors, checked once, before the client first registers as a
 // holder. Both come as a *SchemaError, which says what was found.

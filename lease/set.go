@@ -267,7 +267,7 @@ func (c *Client) acquireSetObserved(ctx context.Context, members, sorted []SetMe
 	}()
 	if wait {
 		for _, k := range keys {
-			subs = append(subs, c.disp.Subscribe(k.mapKey()))
+			subs = append(subs, c.disp.Subscribe(k.mapKey(), false))
 		}
 	}
 	backoff := c.table.busyRetry()
@@ -310,11 +310,14 @@ func (c *Client) acquireSetObserved(ctx context.Context, members, sorted []SetMe
 		}
 		c.mu.Lock()
 		keep := []int64{}
+		fresh := false
 		for _, sl := range slots {
 			keep = append(keep, sl.ks.tableTokensLocked(h)...)
+			fresh = fresh || sl.ks.poked
+			sl.ks.poked = false
 		}
 		c.mu.Unlock()
-		g, err := c.grant(ctx, h, keys, kinds, 1, wait, keep)
+		g, err := c.grant(ctx, h, keys, kinds, 1, wait, keep, fresh)
 		obs.attempt()
 		if errors.Is(err, errRetry) {
 			continue

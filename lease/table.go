@@ -32,6 +32,7 @@ const busyRetry = 10 * time.Millisecond
 
 func (tableMode) usableLocked() error                             { return nil }
 func (tableMode) subscribeFirst() bool                            { return true }
+func (tableMode) wideWake() bool                                  { return false }
 func (tableMode) busyRetry() time.Duration                        { return busyRetry }
 func (tableMode) explain(_ context.Context, e *LockedError) error { return e }
 
@@ -43,10 +44,31 @@ func (m tableMode) attempt(ctx context.Context, key Key, ks *keyState, req reque
 		return nil, nil, err
 	}
 	c.mu.Lock()
+	if hd := ks.handed; hd != nil {
+		ks.handed = nil
+		if hd.Waiter == ks.waiterID && hd.Channel == h.channel && !h.lost && !c.closed &&
+			hd.Kind == req.kind.sqlKind() && hd.Permits == req.permits {
+			// The database handed us the key: the grant is committed.
+			ks.queued = false
+			ks.waiterID = 0
+			ks.poked = false
+			l := c.holdTableLocked(h, ks, key, req, hd.Token, hd.Slot, hd.AcquiredAt)
+			c.mu.Unlock()
+			return l, nil, nil
+		}
+		// For a waiter row we left, or of another kind: the attempt below
+		// deletes it as an orphan (and the key goes on to the next waiter).
+	}
+	fresh := ks.poked
+	ks.poked = false
 	keep := ks.tableTokensLocked(h)
 	c.mu.Unlock()
-	g, err := c.grant(ctx, h, []Key{key}, []Kind{req.kind}, req.permits, wait, keep)
+	g, err := c.grant(ctx, h, []Key{key}, []Kind{req.kind}, req.permits, wait, keep, fresh)
 	if err != nil {
+		c.mu.Lock()
+		ks.handed = nil // the clean-up the error scheduled deletes it
+		ks.waiterID = 0
+		c.mu.Unlock()
 		if errors.Is(err, errRetry) {
 			return nil, nil, err
 		}
@@ -56,12 +78,17 @@ func (m tableMode) attempt(ctx context.Context, key Key, ks *keyState, req reque
 		c.mu.Lock()
 		if g.queued {
 			ks.queued = true
+			if g.waiter != nil {
+				ks.waiterID = *g.waiter
+			}
 		}
 		c.mu.Unlock()
 		return nil, g.refusal(key), nil
 	}
 	c.mu.Lock()
 	ks.queued = false // the grant took this holder's waiter row, if it had one
+	ks.waiterID = 0
+	ks.handed = nil // a handoff heard meanwhile was adopted by this grant
 	if h.lost || c.closed {
 		closed := c.closed
 		c.mu.Unlock()
@@ -101,6 +128,7 @@ type grantResult struct {
 	pid                    *int32
 	heldSince              *time.Time
 	expiresInMicroseconds  *int64
+	waiter                 *int64 // the caller's waiter row, when queued on one key
 }
 
 // refusal is the *LockedError of a refused grant, about key.
@@ -132,7 +160,7 @@ func (g *grantResult) refusal(key Key) *LockedError {
 // outcome schedules clean-ups of the keys (the grants or waiter rows it may
 // have made) and returns the error; one about a holder that expired gives the
 // holder up and returns errRetry.
-func (c *Client) grant(ctx context.Context, h *holder, keys []Key, kinds []Kind, permits int, wait bool, keep []int64) (*grantResult, error) {
+func (c *Client) grant(ctx context.Context, h *holder, keys []Key, kinds []Kind, permits int, wait bool, keep []int64, fresh bool) (*grantResult, error) {
 	names := make([]string, len(keys))
 	ids := make([]string, len(keys))
 	codes := make([]string, len(keys))
@@ -142,9 +170,9 @@ func (c *Client) grant(ctx context.Context, h *holder, keys []Key, kinds []Kind,
 	var g grantResult
 	var at *time.Time
 	var blocked *int32
-	err := c.pool.QueryRow(ctx, c.q.acquireKeys, names, ids, codes, permits, h.id, h.secret, wait, keep).Scan(
+	err := c.pool.QueryRow(ctx, c.q.acquireKeys, names, ids, codes, permits, h.id, h.secret, wait, keep, fresh).Scan(
 		&g.acquired, &g.tokens, &g.slots, &at, &g.busy, &g.queued, &blocked,
-		&g.holderID, &g.host, &g.pid, &g.app, &g.heldSince, &g.expiresInMicroseconds)
+		&g.holderID, &g.host, &g.pid, &g.app, &g.heldSince, &g.expiresInMicroseconds, &g.waiter)
 	c.attempts.Add(1) // after the reply: a test that sees the count sees no statement in flight
 	if err != nil {
 		if pgErr, ok := errors.AsType[*pgconn.PgError](err); ok {

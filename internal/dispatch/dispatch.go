@@ -1,16 +1,29 @@
-// Package dispatch wakes waiting acquirers when lock rows are deleted.
+// Package dispatch wakes waiting acquirers when the database tells them to.
 //
 // One Dispatcher per client holds one LISTEN connection, shared by all its
-// waiters. A trigger on the locks table NOTIFYs a JSON array of deleted
-// [name, id, token] triples (or "*" after a TRUNCATE); the dispatcher wakes the
-// waiters of each key. Notifications are hints, never the basis of a decision:
-// a waiter that misses one wakes on its own timer and asks the database. So the
-// dispatcher reconnects by itself, wakes every waiter after each (re)connect
-// (anything may have been missed meanwhile), re-checks an idle connection
-// every ProbeInterval (a half-open TCP connection would otherwise go unnoticed
-// for minutes), and when notifications turn out not to arrive at all (a
-// transaction-pooling proxy) it says so once in the log and waiting degrades
-// to polling.
+// waiters, and only while someone waits (and for Linger after the last one
+// stopped, so that a key taken and waited for in a loop does not reconnect
+// every time). It listens on two channels, each only when needed:
+//
+//   - the holder's channel (SetHolder), while any waiter is subscribed: the
+//     database hands a released key to a waiting holder and says so there,
+//     ["h", name, id, token, slot, waiter id, kind, permits, acquired_at µs]
+//     (OnHandoff), or asks it to look again, ["r", name, id] (OnPoke);
+//   - the schema's channel (Config.Channel), while a wide subscriber waits
+//     (Subscribe with wide set: a waiter on the advisory path, an election
+//     observer), which hears every release: a JSON array of deleted
+//     [name, id, token] triples, or "*" after a TRUNCATE. Releases are
+//     announced there only while some session holds the schema's listener
+//     lock, which AfterListen takes and Unlisten gives back.
+//
+// Notifications are hints, never the basis of a decision: a waiter that misses
+// one wakes on its own timer and asks the database. So the dispatcher
+// reconnects by itself, wakes every waiter after each (re)connect and after it
+// starts listening on a channel (anything may have been missed meanwhile),
+// re-checks an idle connection every ProbeInterval (a half-open TCP connection
+// would otherwise go unnoticed for minutes), and when notifications turn out
+// not to arrive at all (a transaction-pooling proxy) it says so once in the
+// log and waiting degrades to polling.
 package dispatch
 
 import (
@@ -31,24 +44,35 @@ import (
 const (
 	ProbeTimeoutDefault  = 2 * time.Second
 	ProbeIntervalDefault = 30 * time.Second
+	LingerDefault        = 5 * time.Second
 )
 
 // Config configures a Dispatcher.
 type Config struct {
 	// Connect opens the LISTEN connection.
 	Connect func(ctx context.Context) (*pgx.Conn, error)
-	// Channel is the notification channel.
+	// Channel is the schema's notification channel, listened on while a
+	// wide subscriber waits.
 	Channel string
-	// AfterListen, if set, runs on every new connection after its LISTEN
-	// and before the wake-up that follows a (re)connect, bounded by
-	// ProbeTimeout. An error fails the connection, which is retried. The
-	// lease package registers the connection as a listener here, so that
-	// releases that announce themselves only to listeners reach it.
+	// AfterListen, if set, runs after the LISTEN on Channel and before the
+	// wake-up that follows it, bounded by ProbeTimeout. An error fails the
+	// connection, which is retried. The lease package registers the
+	// connection as a listener here, so that releases, which announce
+	// themselves only to listeners, reach it.
 	AfterListen func(ctx context.Context, conn *pgx.Conn) error
-	// OnDelete, if set, is called for every deleted lock row announced, from
-	// the dispatcher's goroutine, after the key's waiters were woken. key is
-	// name + "\x00" + id.
+	// Unlisten, if set, runs after the UNLISTEN of Channel when the last wide
+	// subscriber has gone: it undoes AfterListen.
+	Unlisten func(ctx context.Context, conn *pgx.Conn) error
+	// OnDelete, if set, is called for every deleted lock row announced on
+	// Channel, from the dispatcher's goroutine, after the key's waiters were
+	// woken. key is name + "\x00" + id.
 	OnDelete func(key string, token int64)
+	// OnHandoff, if set, is called for every key handed to the holder, from
+	// the dispatcher's goroutine, before the key's waiters are woken.
+	OnHandoff func(Handoff)
+	// OnPoke, if set, is called when the holder is asked to look at a key
+	// again, before the key's waiters are woken.
+	OnPoke func(key string)
 	// Received, if set, is called for every notification that arrives on the
 	// LISTEN connection, from the dispatcher's goroutine, with its kind.
 	Received func(Kind)
@@ -61,6 +85,22 @@ type Config struct {
 	// self-test is repeated, which also finds a connection that died without
 	// a word. Defaults to ProbeIntervalDefault (30s).
 	ProbeInterval time.Duration
+	// Linger is how long the connection stays after the last subscriber
+	// has gone. Defaults to LingerDefault (5s).
+	Linger time.Duration
+}
+
+// Handoff is a key granted to the holder by the database (see serve in the
+// migrations): the grant exists, committed, with this token.
+type Handoff struct {
+	Key        string // name + "\x00" + id
+	Token      int64
+	Slot       int64
+	Waiter     int64 // the waiter row the grant replaced
+	Kind       string
+	Permits    int
+	AcquiredAt time.Time
+	Channel    string // the holder channel it came on
 }
 
 // Kind is what a notification received was.
@@ -72,6 +112,8 @@ const (
 	KindTruncate             // the locks table truncated
 	KindProbe                // this dispatcher's own self-test
 	KindOther                // anything else: another client's self-test, a payload not ours
+	KindHandoff              // a key handed to this holder
+	KindPoke                 // this holder asked to look at a key again
 	NumKinds
 )
 
@@ -81,7 +123,12 @@ type Dispatcher struct {
 
 	mu        sync.Mutex
 	subs      map[string]*entry
+	wide      int       // wide subscriptions
+	idleSince time.Time // when the last subscription closed, zero while there are some
+	holderCh  string    // the holder's channel, "" while there is none
+	interrupt func()    // ends the session's current wait, so it looks at the above again
 	started   bool
+	stopped   bool // Close was called
 	listening bool
 	degraded  bool
 	warned    bool          // the "notifications do not arrive" warning was logged
@@ -91,7 +138,7 @@ type Dispatcher struct {
 
 	ctx    context.Context
 	cancel context.CancelFunc
-	done   chan struct{}
+	runs   sync.WaitGroup
 }
 
 type entry struct {
@@ -110,8 +157,11 @@ func New(cfg Config) *Dispatcher {
 	if cfg.ProbeInterval <= 0 {
 		cfg.ProbeInterval = ProbeIntervalDefault
 	}
+	if cfg.Linger <= 0 {
+		cfg.Linger = LingerDefault
+	}
 	ctx, cancel := context.WithCancel(context.Background())
-	return &Dispatcher{cfg: cfg, subs: map[string]*entry{}, ctx: ctx, cancel: cancel, done: make(chan struct{})}
+	return &Dispatcher{cfg: cfg, subs: map[string]*entry{}, ctx: ctx, cancel: cancel}
 }
 
 // Sub is one waiter's interest in a key.
@@ -119,13 +169,16 @@ type Sub struct {
 	d      *Dispatcher
 	key    string
 	e      *entry
+	wide   bool
 	closed bool
 }
 
 // Subscribe registers interest in key and starts the listener if needed.
-// Take C() before asking the database, then wait on it: a wake-up in between
-// is not lost.
-func (d *Dispatcher) Subscribe(key string) *Sub {
+// A wide subscriber hears every release of the key on the schema's channel;
+// the others hear only what the database tells their holder. Take C()
+// before asking the database, then wait on it: a wake-up in between is not
+// lost.
+func (d *Dispatcher) Subscribe(key string, wide bool) *Sub {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	e := d.subs[key]
@@ -134,11 +187,35 @@ func (d *Dispatcher) Subscribe(key string) *Sub {
 		d.subs[key] = e
 	}
 	e.refs++
-	if !d.started && d.ctx.Err() == nil {
+	d.idleSince = time.Time{}
+	if wide {
+		d.wide++
+		if d.wide == 1 {
+			d.interruptLocked()
+		}
+	}
+	if !d.started && !d.stopped {
 		d.started = true
+		d.runs.Add(1)
 		go d.run()
 	}
-	return &Sub{d: d, key: key, e: e}
+	return &Sub{d: d, key: key, e: e, wide: wide}
+}
+
+// SetHolder sets the holder channel to listen on ("" for none).
+func (d *Dispatcher) SetHolder(ch string) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.holderCh != ch {
+		d.holderCh = ch
+		d.interruptLocked()
+	}
+}
+
+func (d *Dispatcher) interruptLocked() {
+	if d.interrupt != nil {
+		d.interrupt()
+	}
 }
 
 // C returns a channel closed at the next wake-up of the key.
@@ -159,6 +236,16 @@ func (s *Sub) Close() {
 	s.e.refs--
 	if s.e.refs == 0 && s.d.subs[s.key] == s.e {
 		delete(s.d.subs, s.key)
+	}
+	if s.wide {
+		s.d.wide--
+		if s.d.wide == 0 {
+			s.d.interruptLocked()
+		}
+	}
+	if len(s.d.subs) == 0 {
+		s.d.idleSince = time.Now()
+		s.d.interruptLocked()
 	}
 }
 
@@ -243,13 +330,28 @@ func (d *Dispatcher) PauseConnecting() (resume func()) {
 // Close stops the listener and waits for it.
 func (d *Dispatcher) Close() {
 	d.mu.Lock()
-	started := d.started
-	d.started = true // no start after Close
+	d.stopped = true // no start after Close
 	d.mu.Unlock()
 	d.cancel()
-	if started {
-		<-d.done
+	d.runs.Wait()
+}
+
+// idleLocked reports whether the listener may stop: nobody has been
+// subscribed for Linger.
+func (d *Dispatcher) idleLocked() bool {
+	return len(d.subs) == 0 && !d.idleSince.IsZero() && time.Since(d.idleSince) >= d.cfg.Linger
+}
+
+// stopIfIdle ends the run when the listener may stop; a Subscribe after it
+// starts a new one.
+func (d *Dispatcher) stopIfIdle() bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.idleLocked() {
+		d.started = false
+		return true
 	}
+	return false
 }
 
 const (
@@ -258,10 +360,13 @@ const (
 )
 
 func (d *Dispatcher) run() {
-	defer close(d.done)
+	defer d.runs.Done()
 	backoff := minBackoff
 	down := false
 	for d.ctx.Err() == nil {
+		if d.stopIfIdle() {
+			return
+		}
 		d.mu.Lock()
 		gate := d.gate
 		d.mu.Unlock()
@@ -275,6 +380,9 @@ func (d *Dispatcher) run() {
 		ok, err := d.session()
 		if d.ctx.Err() != nil {
 			return
+		}
+		if err == nil { // idle: stopped on purpose
+			continue
 		}
 		if ok {
 			backoff = minBackoff
@@ -295,8 +403,15 @@ func (d *Dispatcher) run() {
 	}
 }
 
-// session runs one LISTEN connection until it fails. ok reports whether it got
-// as far as listening.
+// listenState is what a LISTEN connection listens on.
+type listenState struct {
+	holder string // the holder channel, or ""
+	wide   bool   // the schema's channel, with the listener lock
+}
+
+// session runs one LISTEN connection until it fails, or (err nil) until the
+// dispatcher has been idle for Linger. ok reports whether it got as far as
+// listening.
 func (d *Dispatcher) session() (ok bool, err error) {
 	conn, err := d.cfg.Connect(d.ctx)
 	if err != nil {
@@ -307,62 +422,107 @@ func (d *Dispatcher) session() (ok bool, err error) {
 		d.mu.Lock()
 		d.listening = false
 		d.pid = 0
+		d.interrupt = nil
 		d.mu.Unlock()
 	}()
-	if _, err := conn.Exec(d.ctx, "LISTEN "+pgx.Identifier{d.cfg.Channel}.Sanitize()); err != nil {
-		return false, err
-	}
-	if d.cfg.AfterListen != nil {
-		ctx, cancel := context.WithTimeout(d.ctx, d.cfg.ProbeTimeout)
-		err := d.cfg.AfterListen(ctx, conn)
-		cancel()
-		if err != nil {
-			return false, err
-		}
-	}
-	// Self-test: our own NOTIFY must come back. Behind a transaction-pooling
-	// proxy it may not.
-	probe, err := d.probe(conn)
-	if err != nil {
-		return false, err
-	}
-	d.mu.Lock()
-	d.listening = true
-	d.conns++
-	d.pid = conn.PgConn().PID()
-	// Anything may have been missed while we were not listening. In the same
-	// critical section as listening = true, so that Listening() reporting
-	// true means this wake-up is done.
-	d.wakeAllLocked()
-	d.mu.Unlock()
-
-	probeDeadline := time.Now().Add(d.cfg.ProbeTimeout)
+	var on listenState
+	probe := "" // the payload of our self-test in flight
+	var probeDeadline, quietUntil time.Time
 	for {
-		deadline := probeDeadline
-		if probe == "" {
+		d.mu.Lock()
+		want := listenState{holder: d.holderCh, wide: d.wide > 0}
+		if d.idleLocked() {
+			d.mu.Unlock()
+			return true, nil
+		}
+		deadline := quietUntil
+		if probe != "" {
+			deadline = probeDeadline
+		}
+		if !d.idleSince.IsZero() {
+			if l := d.idleSince.Add(d.cfg.Linger); deadline.IsZero() || l.Before(deadline) {
+				deadline = l
+			}
+		}
+		if deadline.IsZero() {
 			deadline = time.Now().Add(d.cfg.ProbeInterval)
 		}
-		ctx, cancel := context.WithDeadline(d.ctx, deadline)
-		n, err := conn.WaitForNotification(ctx)
-		cancel()
-		if err != nil {
-			if d.ctx.Err() != nil || conn.IsClosed() || !errors.Is(err, context.DeadlineExceeded) {
-				return true, err
+		wctx, cancel := context.WithDeadline(d.ctx, deadline)
+		d.interrupt = cancel // under d.mu with want: a change after this ends the wait
+		d.mu.Unlock()
+
+		if want != on {
+			added, err := d.apply(conn, on, want)
+			if err != nil {
+				cancel()
+				return ok, err
 			}
-			// Silence until the deadline; the connection itself is fine (a
-			// timed-out wait leaves it open).
-			if probe != "" {
-				d.probeLost()
-				probe = ""
-				continue
+			on = want
+			if added {
+				// Our own NOTIFY must come back. Behind a transaction-pooling
+				// proxy it may not.
+				if probe, err = d.probe(conn, on); err != nil {
+					cancel()
+					return ok, err
+				}
+				probeDeadline = time.Now().Add(d.cfg.ProbeTimeout)
+				d.mu.Lock()
+				if !ok {
+					ok = true
+					d.conns++
+				}
+				d.listening = true
+				d.pid = conn.PgConn().PID()
+				// Anything may have been missed while we were not listening
+				// there. In the same critical section as listening = true, so
+				// that Listening() reporting true means this wake-up is done.
+				d.wakeAllLocked()
+				d.mu.Unlock()
 			}
-			if probe, err = d.probe(conn); err != nil {
-				return true, err
+			if on == (listenState{}) {
+				quietUntil = time.Time{}
+				d.mu.Lock()
+				d.listening = false
+				d.mu.Unlock()
 			}
-			probeDeadline = time.Now().Add(d.cfg.ProbeTimeout)
+		}
+		if on == (listenState{}) {
+			// Nothing to listen on yet (no holder, no wide subscriber): wait
+			// for a change.
+			<-wctx.Done()
+			cancel()
+			if d.ctx.Err() != nil {
+				return ok, d.ctx.Err()
+			}
 			continue
 		}
-		if n.Payload == probe {
+		n, err := conn.WaitForNotification(wctx)
+		interrupted := wctx.Err() == context.Canceled
+		cancel()
+		if err != nil {
+			if d.ctx.Err() != nil || conn.IsClosed() || !(errors.Is(err, context.DeadlineExceeded) || interrupted) {
+				return ok, err
+			}
+			if interrupted {
+				continue // something changed: look again
+			}
+			if probe != "" && !time.Now().Before(probeDeadline) {
+				d.probeLost()
+				probe = ""
+				quietUntil = time.Now().Add(d.cfg.ProbeInterval)
+				continue
+			}
+			if probe == "" && !time.Now().Before(quietUntil) {
+				// Silence for ProbeInterval: is the connection still there?
+				if probe, err = d.probe(conn, on); err != nil {
+					return ok, err
+				}
+				probeDeadline = time.Now().Add(d.cfg.ProbeTimeout)
+			}
+			continue
+		}
+		quietUntil = time.Now().Add(d.cfg.ProbeInterval)
+		if probe != "" && n.Payload == probe {
 			d.received(KindProbe)
 			probe = ""
 			d.mu.Lock()
@@ -370,18 +530,74 @@ func (d *Dispatcher) session() (ok bool, err error) {
 			d.mu.Unlock()
 			continue
 		}
-		d.handle(n.Payload)
+		if n.Channel == d.cfg.Channel {
+			d.handle(n.Payload)
+		} else {
+			d.handleHolder(n.Channel, n.Payload)
+		}
 	}
 }
 
-// probe sends a NOTIFY to ourselves and returns its payload.
-func (d *Dispatcher) probe(conn *pgx.Conn) (string, error) {
+// apply changes what conn listens on from from to to, and reports whether it
+// listens on a channel it did not listen on before.
+func (d *Dispatcher) apply(conn *pgx.Conn, from, to listenState) (added bool, err error) {
+	ctx, cancel := context.WithTimeout(d.ctx, d.cfg.ProbeTimeout)
+	defer cancel()
+	exec := func(sql string) error {
+		_, err := conn.Exec(ctx, sql)
+		return err
+	}
+	if from.holder != to.holder {
+		if from.holder != "" {
+			if err := exec("UNLISTEN " + pgx.Identifier{from.holder}.Sanitize()); err != nil {
+				return false, err
+			}
+		}
+		if to.holder != "" {
+			if err := exec("LISTEN " + pgx.Identifier{to.holder}.Sanitize()); err != nil {
+				return false, err
+			}
+			added = true
+		}
+	}
+	switch {
+	case to.wide && !from.wide:
+		if err := exec("LISTEN " + pgx.Identifier{d.cfg.Channel}.Sanitize()); err != nil {
+			return false, err
+		}
+		if d.cfg.AfterListen != nil {
+			if err := d.cfg.AfterListen(ctx, conn); err != nil {
+				return false, err
+			}
+		}
+		added = true
+	case from.wide && !to.wide:
+		if err := exec("UNLISTEN " + pgx.Identifier{d.cfg.Channel}.Sanitize()); err != nil {
+			return false, err
+		}
+		if d.cfg.Unlisten != nil {
+			if err := d.cfg.Unlisten(ctx, conn); err != nil {
+				return false, err
+			}
+		}
+	}
+	return added, nil
+}
+
+// probe sends a NOTIFY to ourselves, on a channel conn listens on (the
+// holder's, which nobody else hears, when there is one), and returns its
+// payload.
+func (d *Dispatcher) probe(conn *pgx.Conn, on listenState) (string, error) {
 	var nonce [8]byte
 	_, _ = rand.Read(nonce[:])
 	p := "probe " + hex.EncodeToString(nonce[:])
+	ch := on.holder
+	if ch == "" {
+		ch = d.cfg.Channel
+	}
 	ctx, cancel := context.WithTimeout(d.ctx, d.cfg.ProbeTimeout)
 	defer cancel()
-	_, err := conn.Exec(ctx, "SELECT pg_notify($1, $2)", d.cfg.Channel, p)
+	_, err := conn.Exec(ctx, "SELECT pg_notify($1, $2)", ch, p)
 	return p, err
 }
 
@@ -439,6 +655,44 @@ func (d *Dispatcher) handle(payload string) {
 			d.cfg.OnDelete(g.key, g.token)
 		}
 	}
+}
+
+// handleHolder handles a notification on the holder channel ch: a handoff
+// or a poke.
+func (d *Dispatcher) handleHolder(ch, payload string) {
+	var f []json.RawMessage
+	var tag, name, id string
+	if json.Unmarshal([]byte(payload), &f) != nil || len(f) < 3 ||
+		json.Unmarshal(f[0], &tag) != nil || json.Unmarshal(f[1], &name) != nil || json.Unmarshal(f[2], &id) != nil {
+		d.received(KindOther)
+		return
+	}
+	key := name + "\x00" + id
+	switch {
+	case tag == "h" && len(f) == 9:
+		h := Handoff{Key: key, Channel: ch}
+		var at int64
+		if json.Unmarshal(f[3], &h.Token) != nil || json.Unmarshal(f[4], &h.Slot) != nil ||
+			json.Unmarshal(f[5], &h.Waiter) != nil || json.Unmarshal(f[6], &h.Kind) != nil ||
+			json.Unmarshal(f[7], &h.Permits) != nil || json.Unmarshal(f[8], &at) != nil {
+			d.received(KindOther)
+			return
+		}
+		h.AcquiredAt = time.UnixMicro(at)
+		d.received(KindHandoff)
+		if d.cfg.OnHandoff != nil {
+			d.cfg.OnHandoff(h)
+		}
+	case tag == "r":
+		d.received(KindPoke)
+		if d.cfg.OnPoke != nil {
+			d.cfg.OnPoke(key)
+		}
+	default:
+		d.received(KindOther)
+		return
+	}
+	d.Wake(key)
 }
 
 // jitter returns d ± 20%.

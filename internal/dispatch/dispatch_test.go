@@ -40,9 +40,9 @@ func TestHandleWakesTheKeysNamed(t *testing.T) {
 		gone = append(gone, k)
 		mu.Unlock()
 	})
-	odd := d.Subscribe("a\"b\x001/2")
-	plain := d.Subscribe("x\x00y")
-	other := d.Subscribe("x\x00z")
+	odd := d.Subscribe("a\"b\x001/2", true)
+	plain := d.Subscribe("x\x00y", true)
+	other := d.Subscribe("x\x00z", true)
 	defer odd.Close()
 	defer plain.Close()
 	defer other.Close()
@@ -79,7 +79,7 @@ func TestHandleWakesTheKeysNamed(t *testing.T) {
 // Subscriptions are counted per key and dropped when the last one closes.
 func TestSubscriptionsCounted(t *testing.T) {
 	d := newOffline(t, nil)
-	a1, a2, b := d.Subscribe("a"), d.Subscribe("a"), d.Subscribe("b")
+	a1, a2, b := d.Subscribe("a", true), d.Subscribe("a", true), d.Subscribe("b", true)
 	if n := d.Subscriptions(); n != 2 {
 		t.Fatalf("%d keys subscribed, want 2", n)
 	}

@@ -796,7 +796,36 @@ BEGIN
     DELETE FROM locks l WHERE l.name = p_name AND l.entity_id = p_id AND l.holder_id = p_holder
        AND NOT (l.token = ANY (coalesce(p_keep, '{}')));
     GET DIAGNOSTICS b = ROW_COUNT;
+    -- And the key is served whether or not anything went: a client that is
+    -- told to ask again for a key it no longer wants calls leave, so that
+    -- the next waiter is not left waiting for a poke sent to it.
+    PERFORM serve(p_name, p_id, false);
     RETURN a + b;
+END
+$$;
+-- +goose StatementEnd
+
+-- release, as in version 5, under the key's queue lock, waited for before the
+-- delete (while it holds nothing an acquirer could wait for): so the queue
+-- is served by this transaction, seeing every acquire before it, rather than
+-- poked. A poke here could go to a waiter that is leaving at that moment and
+-- that served the queue before this delete committed, and the next waiter
+-- would then hear nothing.
+-- +goose StatementBegin
+CREATE OR REPLACE FUNCTION release(p_name text, p_id text, p_token bigint, p_holder bigint, p_secret bytea)
+RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER AS $$
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    PERFORM pg_advisory_xact_lock(1885826161, hashint8(key_hash(p_name, p_id)));
+    DELETE FROM locks l USING holders h
+     WHERE l.name = p_name AND l.entity_id = p_id AND l.token = p_token AND l.holder_id = p_holder
+       AND h.id = p_holder AND h.secret_hash = sha256(p_secret);
+    IF FOUND THEN
+        RETURN true;
+    END IF;
+    PERFORM holder_matches(p_holder, p_secret); -- raises for another holder's id
+    RETURN false;
 END
 $$;
 -- +goose StatementEnd
@@ -1325,6 +1354,23 @@ BEGIN
               'advisory_unlock_shared_if_held(bigint)', 'advisory_takeover_kinds(text,text,"char"[])'],
         ARRAY['locks', 'held', 'holder_status', 'advisory_held', 'waiting', 'token_guard']);
     EXECUTE format('GRANT USAGE ON SEQUENCE %s TO %s', 'token_seq'::regclass, p_role);
+END
+$$;
+-- +goose StatementEnd
+-- +goose StatementBegin
+CREATE OR REPLACE FUNCTION release(p_name text, p_id text, p_token bigint, p_holder bigint, p_secret bytea)
+RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER AS $$
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    DELETE FROM locks l USING holders h
+     WHERE l.name = p_name AND l.entity_id = p_id AND l.token = p_token AND l.holder_id = p_holder
+       AND h.id = p_holder AND h.secret_hash = sha256(p_secret);
+    IF FOUND THEN
+        RETURN true;
+    END IF;
+    PERFORM holder_matches(p_holder, p_secret); -- raises for another holder's id
+    RETURN false;
 END
 $$;
 -- +goose StatementEnd
