@@ -169,8 +169,12 @@ func (c *Client) onHandoff(hd dispatch.Handoff) {
 // acquirer of this client wants the key any more, a clean-up (leave) serves
 // the key instead, so that the waiters after ours are not left waiting for a
 // poke that came to us.
-func (c *Client) onPoke(mk string) {
+func (c *Client) onPoke(mk, channel string) {
 	c.mu.Lock()
+	if c.h == nil || c.h.channel != channel {
+		c.mu.Unlock()
+		return // for a holder given up: its rows go with it
+	}
 	ks := c.keys[mk]
 	if ks != nil && ks.wantedLocked() {
 		ks.poked = true

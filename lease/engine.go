@@ -216,6 +216,15 @@ func (c *Client) acquireObserved(ctx context.Context, m acquireMode, key Key, re
 			sub = c.disp.Subscribe(mk, m.wideWake())
 			continue
 		}
+		if refused.busy && !sub.Wide() {
+			// Held on the advisory path, most likely, whose releases the
+			// database announces only on the schema's channel: listen there
+			// too while this acquire waits. The wake-up that follows the
+			// LISTEN makes up for a release in between.
+			sub.Close()
+			sub = c.disp.Subscribe(mk, true)
+			wake = sub.C()
+		}
 		delay := dispatch.Jitter(c.cfg.PollInterval)
 		if refused.busy {
 			// Someone is acquiring right now (or holds the key on the

@@ -1060,8 +1060,10 @@ func TestKindsInViews(t *testing.T) {
 // A DBA's DELETE of one shared grant frees that grant only: its holder is
 // told (a *LostError for a deleted row), the key's other shared holders,
 // one of them on the same client, keep theirs. Once by the delete's
-// notification (no heartbeat within the test), once by the heartbeat's
-// count (the delete made quietly, as a takeover's).
+// notification on the schema's channel, which a client hears while it
+// listens there (here: it observes an election; no heartbeat within the
+// test), once by the heartbeat's count (the delete made quietly, as a
+// takeover's).
 func TestSharedGrantDeletedByDBA(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
@@ -1074,7 +1076,16 @@ func TestSharedGrantDeletedByDBA(t *testing.T) {
 			a, _, _ := e.client(cfg)
 			b, _, _ := e.client(cfg)
 			other, _, _ := e.client(slowTimers)
-			warmUp(t, e, a)
+			if !quiet {
+				el, err := a.Election(lease.Key{Name: "dba-shared-observed", ID: "1"})
+				if err != nil {
+					t.Fatal(err)
+				}
+				octx, stop := context.WithCancel(e.ctx)
+				defer stop()
+				<-el.Observe(octx) // the first state: nobody leads
+				eventually(t, waitLimit, "a listening on the schema's channel", func() bool { return lease.Listening(a) })
+			}
 			k := lease.Key{Name: "dba-shared", ID: fmt.Sprint(quiet)}
 			var locks []*lease.Lock
 			for _, c := range []*lease.Client{a, a, b} {

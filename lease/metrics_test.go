@@ -362,21 +362,41 @@ func TestMetricsNotifications(t *testing.T) {
 	if u, _ := m.unit("pglease.listener.notifications"); u != "{notification}" {
 		t.Fatalf("notifications: unit %q", u)
 	}
-	before := m.sum("pglease.listener.notifications", notified("delete"))
-	for _, l := range held { // one statement, one notification each
+	// Releases nobody waits for send nothing; the one c waits for hands it
+	// the key, with one notification to c alone. Notifications arrive in
+	// commit order, so once the handoff is counted, nothing of the first
+	// two releases is still on its way.
+	eventually(t, 10*time.Second, "the waiter in the queue", func() bool {
+		return e.count("SELECT count(*) FROM "+e.table("waiters")) == 1
+	})
+	for _, l := range held[1:] {
 		mustRelease(t, e.ctx, l)
 	}
-	eventually(t, 10*time.Second, "three delete notifications", func() bool {
-		return m.sum("pglease.listener.notifications", notified("delete")) >= before+3
-	})
-	m.wantSum("pglease.listener.notifications", before+3, notified("delete"))
+	mustRelease(t, e.ctx, held[0])
 	l := <-got
 	if l == nil {
 		t.FailNow()
 	}
+	eventually(t, 10*time.Second, "the handoff notification", func() bool {
+		return m.sum("pglease.listener.notifications", notified("handoff")) == 1
+	})
+	m.wantSum("pglease.listener.notifications", 0, notified("delete"))
+	m.wantSum("pglease.listener.notifications", 0, notified("other"))
 	mustRelease(t, e.ctx, l)
-	eventually(t, 10*time.Second, "the waiter's own release notification", func() bool {
-		return m.sum("pglease.listener.notifications", notified("delete")) == before+4
+
+	// A client that listens on the schema's channel (it observes an
+	// election) hears every release there, and a TRUNCATE.
+	el, err := c.Election(lease.Key{Name: "n", ID: "observed"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	octx, stop := context.WithCancel(e.ctx)
+	defer stop()
+	<-el.Observe(octx)
+	eventually(t, 10*time.Second, "listening on the schema's channel", func() bool { return lease.Listening(c) })
+	mustRelease(t, e.ctx, mustAcquire(t, e.ctx, other, keys[1]))
+	eventually(t, 10*time.Second, "a delete notification", func() bool {
+		return m.sum("pglease.listener.notifications", notified("delete")) == 1
 	})
 	e.exec("TRUNCATE " + e.table("locks"))
 	eventually(t, 10*time.Second, "a truncate notification", func() bool {
@@ -462,6 +482,7 @@ func TestMetricsWithoutMeterProvider(t *testing.T) {
 func TestMetricsUnderContention(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
+	e.debugWatch(40 * time.Second)
 	m := newMeterReader(t)
 	keys := []lease.Key{{Name: "hot", ID: "1"}, {Name: "hot", ID: "2"}}
 	const clients, goroutines, sections = 4, 3, 8

@@ -56,8 +56,11 @@ func (m tableMode) attempt(ctx context.Context, key Key, ks *keyState, req reque
 			c.mu.Unlock()
 			return l, nil, nil
 		}
-		// For a waiter row we left, or of another kind: the attempt below
-		// deletes it as an orphan (and the key goes on to the next waiter).
+		// For a waiter row we left, or of another kind, or one this
+		// acquirer has not heard of yet: the attempt below, through the
+		// key's locks, adopts it or deletes it as an orphan (and the key
+		// goes on to the next waiter).
+		ks.poked = true
 	}
 	fresh := ks.poked
 	ks.poked = false

@@ -71,8 +71,9 @@ type Config struct {
 	// the dispatcher's goroutine, before the key's waiters are woken.
 	OnHandoff func(Handoff)
 	// OnPoke, if set, is called when the holder is asked to look at a key
-	// again, before the key's waiters are woken.
-	OnPoke func(key string)
+	// again, with the holder channel it came on, before the key's waiters
+	// are woken.
+	OnPoke func(key, channel string)
 	// Received, if set, is called for every notification that arrives on the
 	// LISTEN connection, from the dispatcher's goroutine, with its kind.
 	Received func(Kind)
@@ -217,6 +218,9 @@ func (d *Dispatcher) interruptLocked() {
 		d.interrupt()
 	}
 }
+
+// Wide reports whether the subscriber hears every release of the key.
+func (s *Sub) Wide() bool { return s.wide }
 
 // C returns a channel closed at the next wake-up of the key.
 func (s *Sub) C() <-chan struct{} {
@@ -530,10 +534,16 @@ func (d *Dispatcher) session() (ok bool, err error) {
 			d.mu.Unlock()
 			continue
 		}
-		if n.Channel == d.cfg.Channel {
+		switch {
+		case n.Channel == d.cfg.Channel && on.wide:
 			d.handle(n.Payload)
-		} else {
+		case n.Channel == on.holder:
 			d.handleHolder(n.Channel, n.Payload)
+		default:
+			// Not for us: behind a transaction-pooling proxy a server
+			// connection may carry another client's LISTEN, and a
+			// notification arrives where it pleases.
+			d.received(KindOther)
 		}
 	}
 }
@@ -686,7 +696,7 @@ func (d *Dispatcher) handleHolder(ch, payload string) {
 	case tag == "r":
 		d.received(KindPoke)
 		if d.cfg.OnPoke != nil {
-			d.cfg.OnPoke(key)
+			d.cfg.OnPoke(key, ch)
 		}
 	default:
 		d.received(KindOther)

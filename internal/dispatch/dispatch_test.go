@@ -5,6 +5,7 @@ import (
 	"errors"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 )
@@ -92,5 +93,61 @@ func TestSubscriptionsCounted(t *testing.T) {
 	b.Close()
 	if n := d.Subscriptions(); n != 0 {
 		t.Fatalf("%d keys subscribed after all closed", n)
+	}
+}
+
+// A handoff on the holder channel is told to OnHandoff with every field,
+// before the key's waiters are woken; a poke to OnPoke; anything else on
+// that channel wakes nobody.
+func TestHandleHolderHandoffsAndPokes(t *testing.T) {
+	var got []Handoff
+	var poked []string
+	var order []string
+	d := New(Config{
+		Connect: func(context.Context) (*pgx.Conn, error) { return nil, errors.New("offline") },
+		Channel: "test",
+	})
+	t.Cleanup(d.Close)
+	k := d.Subscribe("a\"b\x001/2", false)
+	other := d.Subscribe("x\x00z", false)
+	defer k.Close()
+	defer other.Close()
+	kc, oc := k.C(), other.C()
+	d.cfg.OnHandoff = func(h Handoff) {
+		got = append(got, h)
+		if closed(kc) {
+			order = append(order, "woken before OnHandoff")
+		}
+	}
+	d.cfg.OnPoke = func(key, ch string) { poked = append(poked, key+" on "+ch) }
+
+	d.handleHolder("test_7", `["h", "a\"b", "1/2", 41, 3, 9, "p", 4, 1796245415967272]`)
+	if len(got) != 1 {
+		t.Fatalf("OnHandoff called %d times, want 1", len(got))
+	}
+	want := Handoff{Key: "a\"b\x001/2", Token: 41, Slot: 3, Waiter: 9, Kind: "p", Permits: 4,
+		AcquiredAt: time.UnixMicro(1796245415967272), Channel: "test_7"}
+	if got[0] != want {
+		t.Fatalf("handoff %+v, want %+v", got[0], want)
+	}
+	if len(order) != 0 || !closed(kc) {
+		t.Fatalf("the key's waiters must be woken after OnHandoff (%v, woken %v)", order, closed(kc))
+	}
+	if closed(oc) {
+		t.Fatal("a handoff of one key woke another")
+	}
+
+	d.handleHolder("test_7", `["r", "x", "z"]`)
+	if len(poked) != 1 || poked[0] != "x\x00z on test_7" || !closed(oc) {
+		t.Fatalf("poke: OnPoke saw %q, key woken %v", poked, closed(oc))
+	}
+
+	kc, oc = k.C(), other.C()
+	for _, junk := range []string{"probe 12", `["h", "a\"b", "1/2"]`, `["h", "a\"b", "1/2", "x", 3, 9, "p", 4, 1]`,
+		`["q", "x", "z"]`, `{"h": 1}`, `[]`} {
+		d.handleHolder("test_7", junk)
+	}
+	if closed(kc) || closed(oc) || len(got) != 1 || len(poked) != 1 {
+		t.Fatalf("a malformed payload was acted on: %d handoffs, %d pokes", len(got), len(poked))
 	}
 }

@@ -437,10 +437,15 @@ BEGIN
                                   AND (w.kind <> 'p' OR w.permits <> p_permits));
         END IF;
         IF FOUND AND (NOT p_wait OR mine IS NOT NULL) THEN
-            RETURN QUERY SELECT false, NULL::bigint[], NULL::bigint[], NULL::timestamptz,
-                                false, p_wait, 1, NULL::bigint, NULL::text, NULL::integer,
-                                NULL::text, NULL::timestamptz, NULL::interval, mine;
-            RETURN;
+            -- Unless the caller has a grant of the key it did not know of
+            -- (a handoff): it is adopted under the locks below.
+            IF NOT EXISTS (SELECT FROM locks l WHERE l.name = p_names[1] AND l.entity_id = p_ids[1]
+                              AND l.holder_id = p_holder AND NOT (l.token = ANY (p_keep))) THEN
+                RETURN QUERY SELECT false, NULL::bigint[], NULL::bigint[], NULL::timestamptz,
+                                    false, p_wait, 1, NULL::bigint, NULL::text, NULL::integer,
+                                    NULL::text, NULL::timestamptz, NULL::interval, mine;
+                RETURN;
+            END IF;
         END IF;
         mine := NULL;
     END IF;
@@ -478,7 +483,11 @@ BEGIN
             -- the advisory path holds the key. Busy; a waiter for one key
             -- takes its place in the queue meanwhile (under the queue lock,
             -- so that the order of the queue holds).
-            IF p_wait AND n = 1 THEN
+            -- (Not a caller that has a grant of the key it did not know of,
+            -- a handoff: it asks again, and adopts it.)
+            IF p_wait AND n = 1 AND NOT EXISTS (
+                   SELECT FROM locks l WHERE l.name = p_names[1] AND l.entity_id = p_ids[1]
+                      AND l.holder_id = p_holder AND NOT (l.token = ANY (p_keep))) THEN
                 INSERT INTO waiters AS w (name, entity_id, holder_id, kind, permits, set_size, handoff)
                 VALUES (p_names[1], p_ids[1], p_holder, p_kinds[1], p_permits, 1, p_handoff)
                 ON CONFLICT ON CONSTRAINT waiters_key_holder DO NOTHING;
@@ -826,6 +835,40 @@ BEGIN
     END IF;
     PERFORM holder_matches(p_holder, p_secret); -- raises for another holder's id
     RETURN false;
+END
+$$;
+-- +goose StatementEnd
+
+-- force_release, as in version 5, for keys with several grants too (shared
+-- locks, permits), which version 5's refused with "query returned more than
+-- one row": it frees every grant of (p_name, p_id), records each in
+-- forced_releases and the server log, and returns the largest token freed
+-- (NULL when the key was free). Under the key's queue lock, as release, so
+-- that the queue is served by this transaction.
+-- +goose StatementBegin
+CREATE OR REPLACE FUNCTION force_release(p_name text, p_id text, p_reason text DEFAULT NULL) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER AS $$
+DECLARE
+    g   record;
+    top bigint;
+BEGIN
+    PERFORM pg_advisory_xact_lock(1885826161, hashint8(key_hash(p_name, p_id)));
+    FOR g IN
+        WITH gone AS (
+            DELETE FROM locks l WHERE l.name = p_name AND l.entity_id = p_id RETURNING l.*
+        )
+        INSERT INTO forced_releases AS f (name, entity_id, token, holder_id, host, pid, application,
+                                          acquired_at, reason)
+        SELECT gone.name, gone.entity_id, gone.token, gone.holder_id, h.host, h.pid, h.application,
+               gone.acquired_at, p_reason
+          FROM gone LEFT JOIN holders h ON h.id = gone.holder_id
+        RETURNING f.token, f.holder_id
+    LOOP
+        RAISE LOG 'pglease: % force-released lock (%, %) with token % of holder %: %',
+            session_user, p_name, p_id, g.token, g.holder_id, coalesce(p_reason, 'no reason given');
+        top := greatest(top, g.token);
+    END LOOP;
+    RETURN top;
 END
 $$;
 -- +goose StatementEnd
@@ -1371,6 +1414,27 @@ BEGIN
     END IF;
     PERFORM holder_matches(p_holder, p_secret); -- raises for another holder's id
     RETURN false;
+END
+$$;
+-- +goose StatementEnd
+-- +goose StatementBegin
+CREATE OR REPLACE FUNCTION force_release(p_name text, p_id text, p_reason text DEFAULT NULL) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER AS $$
+DECLARE
+    gone locks%ROWTYPE;
+BEGIN
+    DELETE FROM locks l WHERE l.name = p_name AND l.entity_id = p_id RETURNING l.* INTO gone;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    INSERT INTO forced_releases (name, entity_id, token, holder_id, host, pid, application, acquired_at, reason)
+    SELECT gone.name, gone.entity_id, gone.token, gone.holder_id, h.host, h.pid, h.application,
+           gone.acquired_at, p_reason
+      FROM (SELECT) AS one
+      LEFT JOIN holders h ON h.id = gone.holder_id;
+    RAISE LOG 'pglease: % force-released lock (%, %) with token % of holder %: %',
+        session_user, gone.name, gone.entity_id, gone.token, gone.holder_id, coalesce(p_reason, 'no reason given');
+    RETURN gone.token;
 END
 $$;
 -- +goose StatementEnd
