@@ -482,7 +482,6 @@ func TestMetricsWithoutMeterProvider(t *testing.T) {
 func TestMetricsUnderContention(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
-	e.debugWatch(40 * time.Second)
 	m := newMeterReader(t)
 	keys := []lease.Key{{Name: "hot", ID: "1"}, {Name: "hot", ID: "2"}}
 	const clients, goroutines, sections = 4, 3, 8
