@@ -89,9 +89,10 @@ func TestCancelledAcquireThatCommitsLateIsDeleted(t *testing.T) {
 	if err := <-done; !errors.Is(err, context.Canceled) {
 		t.Fatalf("Acquire = %v, want context.Canceled", err)
 	}
-	// The clean-up queued on the key before Acquire returned; it leaves the
-	// queue once its DELETE (which finds nothing yet) is done.
-	eventually(t, 10*time.Second, "the clean-up of the cancelled acquire", func() bool { return lease.QueueLen(c, k) == 0 })
+	// The clean-up queued on the key before Acquire returned. Its leave
+	// waits for the key's queue lock, which the stuck acquire holds: it times
+	// out (ReleaseTimeout) and is tried again after each renewal, until the
+	// late insert has committed and there is a row to delete.
 	eventually(t, 30*time.Second, "the cancel request to reach the insert", func() bool {
 		return e.count("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = 7 AND objid = 8 AND granted") == 1
 	})
@@ -102,6 +103,7 @@ func TestCancelledAcquireThatCommitsLateIsDeleted(t *testing.T) {
 		return e.count("SELECT count(*) FROM "+e.table("slow_log")) > 0
 	})
 	eventually(t, 10*time.Second, "the client to delete the row it does not hold", func() bool { return e.rowsOf(k, holder) == 0 })
+	eventually(t, 10*time.Second, "the clean-up of the cancelled acquire", func() bool { return lease.QueueLen(c, k) == 0 })
 
 	other, _, _ := e.client(lease.Config{})
 	l, err := other.TryAcquire(e.ctx, k)

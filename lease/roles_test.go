@@ -440,3 +440,82 @@ func TestRevokeGrants(t *testing.T) {
 		t.Errorf("%d routine grants left, %v", n, err)
 	}
 }
+
+// force_release frees every grant of a key, shared locks and permits too
+// (version 5's refused a key with more than one), records each, returns the
+// largest token, and hands the key to the waiter queued behind them in the
+// same transaction; each holder learns it lost its grant.
+func TestForceReleaseEveryGrant(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	dba := pgtest.NewRole(t, e.db.Cluster, "pglease_dba")
+	e.grant("dba", dba)
+	p := e.rolePool(dba, func(*pgxpool.Config) {})
+	a, _, _ := e.client(fastHeartbeat)
+	b, _, _ := e.client(fastHeartbeat)
+	w, _, _ := e.client(slowTimers) // only the handoff can wake it
+	force := func(k lease.Key, want []*lease.Lock) {
+		t.Helper()
+		var freed *int64
+		if err := p.QueryRow(e.ctx, "SELECT "+e.table("force_release")+"($1, $2, 'audit')", k.Name, k.ID).Scan(&freed); err != nil {
+			t.Fatalf("force_release of %s: %v", k, err)
+		}
+		top := int64(0)
+		for _, l := range want {
+			top = max(top, l.Token())
+		}
+		if freed == nil || *freed != top {
+			t.Fatalf("force_release of %s returned %v, want the largest token %d", k, freed, top)
+		}
+		if n := e.count("SELECT count(*) FROM "+e.table("forced_releases")+" WHERE name = $1 AND entity_id = $2", k.Name, k.ID); n != len(want) {
+			t.Errorf("%d forced_releases rows for %s, want %d", n, k, len(want))
+		}
+		for _, l := range want {
+			select {
+			case <-l.Done():
+			case <-time.After(waitLimit):
+				t.Fatalf("the holder of token %d was not told of the forced release", l.Token())
+			}
+		}
+	}
+
+	k := lease.Key{Name: "report", ID: "shared"}
+	s1, err := a.TryAcquireShared(e.ctx, k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s2, err := b.TryAcquireShared(e.ctx, k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := goAcquire(e.ctx, w, k)
+	eventually(t, waitLimit, "the writer queued", func() bool { return e.count("SELECT count(*) FROM "+e.table("waiters")) == 1 })
+	force(k, []*lease.Lock{s1, s2})
+	r := await(t, got, "the writer after the forced release")
+	if r.err != nil {
+		t.Fatal(r.err)
+	}
+	if r.l.Token() <= max(s1.Token(), s2.Token()) {
+		t.Errorf("the writer's token %d is not above the freed ones", r.l.Token())
+	}
+	mustRelease(t, e.ctx, r.l)
+
+	pk := lease.Key{Name: "report", ID: "permits"}
+	var permits []*lease.Lock
+	for _, c := range []*lease.Client{a, b} {
+		sem, err := c.Semaphore(pk, 3)
+		if err != nil {
+			t.Fatal(err)
+		}
+		l, err := sem.TryAcquire(e.ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		permits = append(permits, l)
+	}
+	force(pk, permits)
+	if n := e.keyRows("locks", pk); n != 0 {
+		t.Errorf("%d grants of %s left after force_release", n, pk)
+	}
+	e.keysLeftFree(k, pk)
+}

@@ -67,6 +67,7 @@ func TestDemo(t *testing.T) {
 		ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
 		defer cancel()
 		cmd := exec.CommandContext(ctx, bin, "-schema", schema, "-ttl", "1s", "-work", "1s")
+		cmd.WaitDelay = 10 * time.Second // its workers share the output: a timeout must not wait for them
 		cmd.Env = append(os.Environ(), "DATABASE_URL="+c.URL())
 		var out bytes.Buffer
 		cmd.Stdout, cmd.Stderr = &out, &out
@@ -100,6 +101,7 @@ func TestDemo(t *testing.T) {
 		ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
 		defer cancel()
 		cmd := exec.CommandContext(ctx, bin, "-schema", schema, "-ttl", "1s", "-work", "30s")
+		cmd.WaitDelay = 10 * time.Second // its workers share the output: a timeout must not wait for them
 		cmd.Env = append(os.Environ(), "DATABASE_URL="+c.URL())
 		pr, pw := io.Pipe()
 		cmd.Stdout, cmd.Stderr = pw, pw
