@@ -546,3 +546,107 @@ func TestMetricsUnderContention(t *testing.T) {
 		t.Fatalf("%d waits recorded for %d contended acquires", n, total)
 	}
 }
+
+// The lock kinds are told apart: shared locks on both paths and a
+// semaphore's permits are recorded with their kind, in acquire.duration,
+// held, waiting, wait.duration and losses alike. A key set is one call,
+// recorded as kind exclusive; its members count in held by their own kinds.
+func TestMetricsKinds(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	m := newMeterReader(t)
+	c, _, _ := e.client(lease.Config{MeterProvider: m.mp})
+	other, _, _ := e.client(lease.Config{})
+	shared := attribute.String("pglease.lock.kind", "shared")
+	permit := attribute.String("pglease.lock.kind", "permit")
+
+	ts, err := c.AcquireShared(e.ctx, lease.Key{Name: "k", ID: "table-shared"})
+	if err != nil {
+		t.Fatalf("AcquireShared: %v", err)
+	}
+	as, err := c.Advisory().AcquireShared(e.ctx, lease.Key{Name: "k", ID: "advisory-shared"})
+	if err != nil {
+		t.Fatalf("advisory AcquireShared: %v", err)
+	}
+	sem, err := c.Semaphore(lease.Key{Name: "k", ID: "sem"}, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var permits []*lease.Lock
+	for range 2 {
+		p, err := sem.Acquire(e.ctx)
+		if err != nil {
+			t.Fatalf("a permit: %v", err)
+		}
+		permits = append(permits, p)
+	}
+	m.wantSum("pglease.lock.held", 1, table, shared)
+	m.wantSum("pglease.lock.held", 1, advisory, shared)
+	m.wantSum("pglease.lock.held", 2, table, permit)
+	m.wantSum("pglease.lock.held", 0, exclusive)
+	m.wantCount("pglease.lock.acquire.duration", 1, table, shared, outcome("acquired"))
+	m.wantCount("pglease.lock.acquire.duration", 1, advisory, shared, outcome("acquired"))
+	m.wantCount("pglease.lock.acquire.duration", 2, table, permit, outcome("acquired"))
+	m.wantCount("pglease.lock.acquire.duration", 4)
+
+	// A third permit of two: refused, as a permit.
+	if _, err := sem.TryAcquire(e.ctx); !errors.Is(err, lease.ErrLocked) {
+		t.Fatalf("TryAcquire of a full semaphore: %v", err)
+	}
+	m.wantCount("pglease.lock.acquire.duration", 1, table, permit, outcome("locked"))
+
+	// A reader waiting for another client's writer: a wait of kind shared.
+	wk := lease.Key{Name: "k", ID: "written"}
+	wl := mustAcquire(t, e.ctx, other, wk)
+	got := make(chan *lease.Lock, 1)
+	go func() {
+		l, err := c.AcquireShared(e.ctx, wk)
+		if err != nil {
+			t.Errorf("waiting AcquireShared: %v", err)
+		}
+		got <- l
+	}()
+	eventually(t, 10*time.Second, "the reader to be counted as waiting", func() bool {
+		return m.sum("pglease.lock.waiting", table, shared) == 1
+	})
+	m.wantSum("pglease.lock.waiting", 0, exclusive)
+	mustRelease(t, e.ctx, wl)
+	rl := <-got
+	if rl == nil {
+		t.FailNow()
+	}
+	m.wantSum("pglease.lock.waiting", 0)
+	m.wantCount("pglease.lock.wait.duration", 1, table, shared, outcome("acquired"))
+	m.wantCount("pglease.lock.wait.duration", 1)
+	m.wantSum("pglease.lock.held", 2, table, shared)
+
+	// A shared grant deleted by a DBA: a loss of kind shared.
+	e.exec("DELETE FROM "+e.table("locks")+" WHERE token = $1", ts.Token())
+	waitLost(t, ts, "shared grant was deleted")
+	m.wantSum("pglease.lock.losses", 1, table, shared, reason("row_deleted"))
+	m.wantSum("pglease.lock.losses", 1)
+	m.wantSum("pglease.lock.held", 1, table, shared)
+
+	for _, l := range append(permits, as, rl) {
+		mustRelease(t, e.ctx, l)
+	}
+	m.wantSum("pglease.lock.held", 0)
+
+	// A key set of an exclusive and a shared member.
+	before, _ := m.hist("pglease.lock.acquire.duration")
+	set, err := c.AcquireSet(e.ctx, []lease.SetMember{
+		{Key: lease.Key{Name: "k", ID: "set-x"}},
+		{Key: lease.Key{Name: "k", ID: "set-s"}, Shared: true},
+	})
+	if err != nil {
+		t.Fatalf("AcquireSet: %v", err)
+	}
+	m.wantCount("pglease.lock.acquire.duration", before+1)
+	m.wantCount("pglease.lock.acquire.duration", 1, table, exclusive, outcome("acquired"))
+	m.wantSum("pglease.lock.held", 1, table, exclusive)
+	m.wantSum("pglease.lock.held", 1, table, shared)
+	if err := set.Release(e.ctx); err != nil {
+		t.Fatalf("releasing the set: %v", err)
+	}
+	m.wantSum("pglease.lock.held", 0)
+}

@@ -278,6 +278,18 @@ func TestApplicationRoleRefused(t *testing.T) {
 	e.wantSQLState(p, notHolder, "SELECT "+e.table("close_holder")+"($1, $2)", vid, wrong)
 	e.wantSQLState(p, notHolder, "SELECT "+e.table("drop_orphan")+"($1, $2, $3, $4)", k.Name, k.ID, vid, wrong)
 	e.wantSQLState(p, notHolder, "SELECT * FROM "+e.table("holder_locks")+"($1, $2)", vid, wrong)
+	// Version 6's: acquire_keys (every acquire of this version's client) and
+	// leave want the secret too. grant_keys, the engine behind acquire_keys,
+	// runs with the caller's rights: called for the victim directly, it
+	// cannot take the victim's grant as an orphan of the victim's own. Nor
+	// may the queue be written to.
+	e.wantSQLState(p, notHolder, "SELECT * FROM "+e.table("acquire_keys")+"($1, $2, '{x}', 1, $3, $4, false, '{}')",
+		[]string{k.Name}, []string{k.ID}, vid, wrong)
+	e.wantSQLState(p, notHolder, "SELECT "+e.table("leave")+"($1, $2, $3, $4, '{}')", k.Name, k.ID, vid, wrong)
+	e.wantSQLState(p, denied, "SELECT * FROM "+e.table("grant_keys")+"($1, $2, '{x}', 1, $3, false, '{}')",
+		[]string{k.Name}, []string{k.ID}, vid)
+	e.wantSQLState(p, denied, "INSERT INTO "+e.table("waiters")+" (name, entity_id, holder_id, kind) VALUES ('invoice', '1', $1, 'x')", own)
+	e.wantSQLState(p, denied, "DELETE FROM "+e.table("waiters"))
 	// Its own secret does not release someone else's lock either.
 	var released bool
 	if err := p.QueryRow(e.ctx, "SELECT "+e.table("release")+"($1, $2, $3, $4, $5)", k.Name, k.ID, token, own,
@@ -368,6 +380,12 @@ func TestDBARole(t *testing.T) {
 	e.wantSQLState(p, denied, "SELECT * FROM "+e.table("locks"))
 	e.wantSQLState(p, denied, "SELECT "+e.table("register")+"('h', 1, 'a', interval '1 minute', $1)", []byte("sixteen bytes..."))
 	e.wantSQLState(p, denied, "SELECT * FROM "+e.table("renew")+"(1, $1)", []byte("sixteen bytes..."))
+	e.wantSQLState(p, denied, "SELECT * FROM "+e.table("acquire_keys")+"('{report}', '{q3}', '{x}', 1, 1, $1, false, '{}')", []byte("sixteen bytes..."))
+	e.wantSQLState(p, denied, "SELECT * FROM "+e.table("waiters"))
+	e.wantSQLState(p, denied, "DELETE FROM "+e.table("waiters"))
+	if err := p.QueryRow(e.ctx, "SELECT count(*) FROM "+e.table("waiting")).Scan(&n); err != nil || n != 0 {
+		t.Errorf("waiting as the DBA role: %d rows, %v; want 0", n, err)
+	}
 	if tok, _ := e.lockRow(k); tok != l.Token() {
 		t.Fatalf("lock row changed by refused statements: token %d, want %d", tok, l.Token())
 	}

@@ -789,6 +789,13 @@ func TestGrants(t *testing.T) {
 	if err := pool.QueryRow(ctx, "CALL "+f.Qualified("reap")+"()").Scan(&holders, &locks, &skipped); err != nil || holders != 1 || locks != 3 {
 		t.Fatalf("CALL reap() as the reaper role = %d holders, %d locks, %v; want 1, 3", holders, locks, err)
 	}
+	// It reads the views, the wait queue's included.
+	for _, view := range []string{"held", "holder_status", "waiting"} {
+		var n int64
+		if err := pool.QueryRow(ctx, "SELECT count(*) FROM "+f.Qualified(view)).Scan(&n); err != nil {
+			t.Errorf("%s as the reaper role: %v", view, err)
+		}
+	}
 	// And that is all it may do: no table, no lock, no DBA tool.
 	for _, sql := range []string{
 		"SELECT count(*) FROM " + f.locks,
@@ -796,6 +803,9 @@ func TestGrants(t *testing.T) {
 		"UPDATE " + f.holders + " SET expires_at = clock_timestamp()",
 		"SELECT " + f.Qualified("register") + "('h', 1, 'a', interval '1 minute', '\\x00112233445566778899aabbccddeeff'::bytea)",
 		"SELECT * FROM " + f.Qualified("acquire") + "('k', '1', 1, '\\x00112233445566778899aabbccddeeff'::bytea)",
+		"SELECT * FROM " + f.Qualified("acquire_keys") + "('{k}', '{1}', '{x}', 1, 1, '\\x00112233445566778899aabbccddeeff'::bytea, false, '{}')",
+		"SELECT " + f.Qualified("leave") + "('k', '1', 1, '\\x00112233445566778899aabbccddeeff'::bytea, '{}')",
+		"DELETE FROM " + f.Qualified("waiters"),
 		"SELECT " + f.Qualified("force_release") + "('k', '1')",
 		"SELECT " + f.Qualified("grant_reaper") + "('" + role + "')",
 	} {

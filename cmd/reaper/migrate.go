@@ -48,7 +48,7 @@ func runMigrate(ctx context.Context, opts *options, stdout, stderr io.Writer) in
 		var nm *migrations.NotMigratedError
 		if errors.As(err, &nm) {
 			// Not a failure: the answer is "nothing applied yet".
-			fmt.Fprintln(stdout, notMigrated(nm))
+			fmt.Fprintln(stdout, notMigrated(nm, tgt))
 			err = nil
 		}
 		if err == nil {
@@ -79,12 +79,15 @@ func runMigrate(ctx context.Context, opts *options, stdout, stderr io.Writer) in
 }
 
 // notMigrated is what "migrate status" says about a schema that has no
-// migration applied, before it lists them all as pending.
-func notMigrated(e *migrations.NotMigratedError) string {
+// migration applied, before it lists them all as pending. It says where it
+// looked: with no connection settings at all, the libpq defaults reach a
+// database the operator may not have meant.
+func notMigrated(e *migrations.NotMigratedError, t target) string {
+	where := fmt.Sprintf("; looked as user %s on %s in database %s", t.user, t.host, t.database)
 	if !e.SchemaExists {
-		return fmt.Sprintf("schema %q does not exist: not migrated, every migration is pending (reaper migrate up creates it and applies them)", e.Schema)
+		return fmt.Sprintf("schema %q does not exist: not migrated, every migration is pending (reaper migrate up creates it and applies them)%s", e.Schema, where)
 	}
-	return fmt.Sprintf("schema %q is not migrated (no %s table): every migration is pending (reaper migrate up applies them)", e.Schema, migrations.VersionTable)
+	return fmt.Sprintf("schema %q is not migrated (no %s table): every migration is pending (reaper migrate up applies them)%s", e.Schema, migrations.VersionTable, where)
 }
 
 // migrateHint says how to fix a failed migration.

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"net"
 	"net/http"
 	"regexp"
 	"strconv"
@@ -16,6 +17,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/pglease/pglease/internal/pgtest"
 	"github.com/pglease/pglease/migrations"
@@ -372,12 +374,18 @@ func TestMigrateStatusReadOnly(t *testing.T) {
 	if _, err := pool.Exec(t.Context(), "CREATE SCHEMA "+pgx.Identifier{empty}.Sanitize()); err != nil {
 		t.Fatal(err)
 	}
+	// Where it looked, as DATABASE_URL names it.
+	cfg, err := pgconn.ParseConfig(c.URL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	where := fmt.Sprintf("; looked as user %s on %s in database %s\n", cfg.User, net.JoinHostPort(cfg.Host, strconv.Itoa(int(cfg.Port))), cfg.Database)
 	for _, tc := range []struct {
 		schema, want string
 		objects      [2]int
 	}{
-		{missing, fmt.Sprintf("schema %q does not exist: not migrated, every migration is pending (reaper migrate up creates it and applies them)\n", missing), [2]int{0, 0}},
-		{empty, fmt.Sprintf("schema %q is not migrated (no pglease_migrations table): every migration is pending (reaper migrate up applies them)\n", empty), [2]int{1, 0}},
+		{missing, fmt.Sprintf("schema %q does not exist: not migrated, every migration is pending (reaper migrate up creates it and applies them)", missing) + where, [2]int{0, 0}},
+		{empty, fmt.Sprintf("schema %q is not migrated (no pglease_migrations table): every migration is pending (reaper migrate up applies them)", empty) + where, [2]int{1, 0}},
 	} {
 		res := runIn(t, t.Context(), env, "migrate", "status", "--schema", tc.schema)
 		if res.code != exitOK || !strings.HasPrefix(res.stdout, tc.want) || res.stderr != "" ||
