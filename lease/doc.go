@@ -27,8 +27,8 @@
 //     why) when TTL - SafetyMargin has
 //     passed on its monotonic clock since the start of its last successful
 //     renewal: before the database could consider the lease expired. A lock row
-//     deleted from under its holder (by a DBA) is reported lost within one
-//     heartbeat, usually at once through a notification.
+//     deleted from under its holder (by a DBA) is reported lost at the next
+//     heartbeat, which counts the holder's rows.
 //   - A process can still be paused (GC, SIGSTOP, a VM migration) after it
 //     checked its lock and before it wrote. No lease can prevent that. The
 //     fencing token can: every grant of a key, of any kind, gets a larger
@@ -46,8 +46,15 @@
 //     a standby's promotion) the first draw moves the sequence 2^40 ahead,
 //     past anything handed out before, so tokens may jump but never repeat or
 //     go back.
+//   - Waiters queue in the database, in arrival order across every client. A
+//     release hands the key to the first waiters that fit, in its own
+//     transaction, with new tokens, and notifies only their holders; a release
+//     nobody waits for notifies nobody. A Client keeps a LISTEN connection
+//     only while it waits.
 //   - Mutual exclusion never depends on notifications: they only wake waiters
-//     early. A missed one costs latency (PollInterval), never correctness.
+//     early. A missed one costs latency (PollInterval), never correctness: a
+//     key handed over whose notification was lost is found by the waiter's
+//     next attempt.
 //   - A failover keeps table locks only if acquires and renewals were on the
 //     standby that takes over: a synchronous one (Config.Replication checks).
 //     Advisory locks are lost with their sessions (LossConnectionLost).
