@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"slices"
+	"strings"
 	"time"
 
 	"testing"
@@ -17,8 +18,10 @@ import (
 // again and again: by the harness directly (pg_promote, the old primary
 // rewound and rejoined) and by Patroni (its leader's Patroni and PostgreSQL
 // killed together, Patroni promoting its synchronous standby, the old node
-// restarted and rejoining; and switchovers through its REST API). Both
-// oracles must hold, and a table lock must never lose its row to a
+// restarted and rejoining; and switchovers through its REST API). The
+// harness's failovers also run under each lock kind: shared locks (table and
+// advisory), semaphore permits and key sets, their waiters queued across the
+// failover. Both oracles must hold, and a table lock must never lose its row to a
 // failover: with a synchronous standby every grant the holder was told of is
 // on the new primary.
 
@@ -47,11 +50,30 @@ func TestTortureFailover(t *testing.T) {
 	if long() {
 		base.procs, base.keys, base.dur = 8, 4, 85*time.Second
 	}
-	t.Run("harness", func(t *testing.T) {
-		rs := pgtest.Replicated(t, pgtest.ReplicaOptions{Standbys: 2, Sync: true, NoFsync: true})
-		r := newRun(t, rs.Cluster(), bin, "failover", base)
-		r.fail(r.exec(func(ctx context.Context, r *run) { faultFailover(ctx, r, harnessFailover(rs), 1) }))
-	})
+	// One replicated cluster for the harness's runs, each in a schema of
+	// its own: exclusive locks on both paths, then the lock kinds (shared
+	// locks on both paths, semaphore permits, key sets through one
+	// acquire_keys), each with its queue of waiters across the failovers.
+	rs := pgtest.Replicated(t, pgtest.ReplicaOptions{Standbys: 2, Sync: true, NoFsync: true})
+	for _, sc := range []struct {
+		name   string
+		adjust func(p *params)
+	}{
+		{"harness", nil},
+		{"harness-shared", kinds("shared", mixed)},
+		{"harness-semaphore", kinds("semaphore", tableOnly)},
+		{"harness-sets", kinds("set", tableOnly)},
+	} {
+		t.Run(sc.name, func(t *testing.T) {
+			p := base
+			if sc.adjust != nil {
+				sc.adjust(&p)
+			}
+			name := strings.Replace(strings.Replace(sc.name, "harness", "failover", 1), "-", "_", 1)
+			r := newRun(t, rs.Cluster(), bin, name, p)
+			r.fail(r.exec(func(ctx context.Context, r *run) { faultFailover(ctx, r, harnessFailover(rs), 1) }))
+		})
+	}
 	t.Run("patroni", func(t *testing.T) {
 		pt := pgtest.StartPatroni(t, pgtest.PatroniOptions{TTL: 5 * time.Second})
 		p := base
@@ -65,6 +87,9 @@ func TestTortureFailover(t *testing.T) {
 		r.fail(r.exec(func(ctx context.Context, r *run) { faultFailover(ctx, r, patroniFailover(pt), 2) }))
 	})
 }
+
+// tableOnly: semaphores and key sets exist on the table path alone.
+func tableOnly(p *params) { p.mode = "table" }
 
 func harnessFailover(rs *pgtest.ReplicaSet) failoverFunc {
 	return func(ctx context.Context, r *run, rec *failoverRec) error {
