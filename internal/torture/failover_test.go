@@ -208,8 +208,9 @@ func (r *run) failoverFigures(recs []*failoverRec) string {
 	kept, tableLost, advLost, advKept := 0, 0, 0, 0
 	// Held at the kill: not ended before it began (what was released
 	// between the look at r.open and the kill was not). An advisory lock
-	// counts only if its holder still believed in it once the server was
-	// gone: ended during the kill, it may have been released just in time.
+	// released without an error while the kill went on (a Patroni kill or
+	// switchover takes a while) may have been released just in time: it
+	// does not count; one that ended later, or was lost, does.
 	atKill := func(ivs []*interval, t int64) []*interval {
 		var held []*interval
 		for _, iv := range ivs {
@@ -220,7 +221,14 @@ func (r *run) failoverFigures(recs []*failoverRec) string {
 		return held
 	}
 	for _, rec := range recs {
-		rec.heldTable, rec.heldAdv = atKill(rec.heldTable, rec.killT), atKill(rec.heldAdv, rec.killedT)
+		rec.heldTable = atKill(rec.heldTable, rec.killT)
+		adv := rec.heldAdv[:0]
+		for _, iv := range atKill(rec.heldAdv, rec.killT) {
+			if iv.release != ReleaseOK || iv.end == 0 || iv.end > rec.killedT {
+				adv = append(adv, iv)
+			}
+		}
+		rec.heldAdv = adv
 		if rec.switchover {
 			switches = append(switches, time.Duration(rec.writableT-rec.killT))
 		} else {
