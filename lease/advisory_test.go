@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"os"
 	"os/exec"
@@ -776,6 +777,69 @@ func TestAdvisoryServerRestart(t *testing.T) {
 	if err := l.Release(e.ctx); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// doneAtLog is a slog.Handler that notes, when the client logs msg, whether
+// the lock in l had its Done closed by then.
+type doneAtLog struct {
+	slog.Handler
+	msg    string
+	l      atomic.Pointer[lease.Lock]
+	logged atomic.Int32 // 1: Done was closed; 2: it was not
+}
+
+func (h *doneAtLog) Handle(ctx context.Context, r slog.Record) error {
+	if l := h.l.Load(); l != nil && r.Message == h.msg {
+		if closed(l.Done()) {
+			h.logged.CompareAndSwap(0, 1)
+		} else {
+			h.logged.CompareAndSwap(0, 2)
+		}
+	}
+	return h.Handler.Handle(ctx, r)
+}
+
+// A connection check that runs out of time on a session that is alive (its
+// backend stopped here, a slow server in a failover) gives the connection
+// up: the lock's Done closes before the client closes the connection and
+// says so, since the server frees the lock as soon as the session sees the
+// socket close, and another holder may have it a moment later.
+func TestAdvisoryCheckTimeoutTellsFirst(t *testing.T) {
+	t.Parallel()
+	cl := pgtest.Owned(t, pgtest.Options{NoFsync: true})
+	e := newEnvOn(t, cl)
+	h := &doneAtLog{Handler: slog.NewTextHandler(io.Discard, nil), msg: "pglease: advisory connection lost"}
+	a, _, _ := e.advisory(lease.Config{Logger: slog.New(h)}, lease.AdvisoryConfig{CheckInterval: 300 * time.Millisecond})
+	key := lease.Key{Name: "slow", ID: "1"}
+	l := mustAdvisory(t, e.ctx, a, key)
+	h.l.Store(l)
+	pid := int(lease.AdvisoryBackend(l))
+	if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = syscall.Kill(pid, syscall.SIGCONT) })
+	select {
+	case <-l.Done():
+	case <-time.After(10 * time.Second):
+		t.Fatal("the lock of a stopped backend is not reported lost 10s later")
+	}
+	var lost *lease.LostError
+	if !errors.As(l.Err(), &lost) || lost.Reason != lease.LossConnectionLost {
+		t.Fatalf("the lock ended with %v; want LossConnectionLost", l.Err())
+	}
+	eventually(t, 10*time.Second, "the client to log the connection lost", func() bool { return h.logged.Load() != 0 })
+	if h.logged.Load() != 1 {
+		t.Fatal("the client closed the connection and logged it before the lock's Done closed")
+	}
+	if err := syscall.Kill(pid, syscall.SIGCONT); err != nil {
+		t.Fatal(err)
+	}
+	b, _, _ := e.advisory(lease.Config{}, lease.AdvisoryConfig{})
+	l2 := mustAdvisory(t, e.ctx, b, key)
+	if l2.Token() <= l.Token() {
+		t.Fatalf("token %d after the loss, %d before", l2.Token(), l.Token())
+	}
+	mustRelease(t, e.ctx, l2)
 }
 
 // A network cut (a proxy that stops forwarding without closing anything):

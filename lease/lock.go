@@ -148,8 +148,10 @@ func (l *Lock) lose(reason LossReason, err error) {
 	if l.ctx.Err() != nil {
 		return
 	}
-	l.c.log.Warn("pglease: lock lost", "name", l.key.Name, "id", l.key.ID, "token", l.token, "reason", reason.String())
+	// Done first, the log line after: the holder is told before anything
+	// slower happens (pinSet.lose closes the connection next).
 	l.cancel(&LostError{Key: l.key, Token: l.token, Reason: reason, Err: err})
+	l.c.log.Warn("pglease: lock lost", "name", l.key.Name, "id", l.key.ID, "token", l.token, "reason", reason.String())
 }
 
 // Release lets go of the lock: it deletes the lock's row only if it still

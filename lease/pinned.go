@@ -483,7 +483,10 @@ func (p *pinSet) check(s *pinnedConn) {
 
 // lose gives s up: every lock on it is reported lost (but those being
 // released: closing the connection releases them), and its connection is
-// closed (the server then frees whatever the session held).
+// closed (the server then frees whatever the session held). The locks'
+// Done closes first: a session that is still alive (a check that ran out of
+// time on a slow server) frees its locks as soon as the socket closes, and
+// another holder may have one of them a moment later.
 func (p *pinSet) lose(s *pinnedConn, reason string, err error) {
 	c := p.c
 	c.mu.Lock()
@@ -503,13 +506,13 @@ func (p *pinSet) lose(s *pinnedConn, reason string, err error) {
 	}
 	p.mu.Unlock()
 	c.mu.Unlock()
+	for _, l := range lost {
+		l.lose(LossConnectionLost, fmt.Errorf("%s: %w", reason, err))
+	}
 	// Closing the socket is safe while another goroutine uses the connection:
 	// its statement fails at once.
 	_ = s.conn.PgConn().Conn().Close()
 	c.log.Warn("pglease: advisory connection lost", "backend_pid", s.pid, "reason", reason, "error", err, "locks", len(locks))
-	for _, l := range lost {
-		l.lose(LossConnectionLost, fmt.Errorf("%s: %w", reason, err))
-	}
 }
 
 // dropConnLocked marks s dead and forgets its locks, which it returns

@@ -49,6 +49,23 @@ func TestReplicationAsyncHazard(t *testing.T) {
 	if _, ok := strict.HolderID(); ok {
 		t.Fatal("a refused client registered a holder")
 	}
+	// A role with only the application grants sees the standby in
+	// pg_stat_replication but not its sync_state: the check still finds the
+	// hazard, from the settings, and says it could not tell how many of the
+	// standbys are asynchronous.
+	app := pgtest.NewRole(t, e.db.Cluster, "pglease_app")
+	e.grant("application", app)
+	appCfg, appLogs := withLogs(lease.Config{})
+	appWarn, _, _ := e.clientAs(app, appCfg)
+	mustRelease(t, e.ctx, mustAcquire(t, e.ctx, appWarn, lease.Key{Name: "app", ID: "1"}))
+	if appLogs.count(asyncWarning) != 1 || appLogs.count("async_standbys=-1") != 1 {
+		t.Fatalf("an application role's client: want one warning with async_standbys=-1:\n%s", appLogs.String())
+	}
+	appStrict, _, _ := e.clientAs(app, lease.Config{Replication: lease.ReplicationRequireSync})
+	_, err = appStrict.TryAcquire(e.ctx, lease.Key{Name: "app", ID: "2"})
+	if !errors.As(err, &re) || re.Setting != "synchronous_standby_names" || re.Standbys != 1 || re.Async != -1 {
+		t.Fatalf("ReplicationRequireSync as an application role: %v (%+v); want a ReplicationError with 1 standby, Async -1", err, re)
+	}
 	if err := rs.WaitStreaming(e.ctx); err != nil { // a's holder row is on the standby
 		t.Fatal(err)
 	}

@@ -2,8 +2,11 @@ package pgtest
 
 import (
 	"context"
+	"fmt"
 	"testing"
 	"time"
+
+	"github.com/jackc/pgx/v5"
 )
 
 // Patroni with etcd: a synchronous standby, a switchover through the REST
@@ -70,5 +73,101 @@ func TestPatroni(t *testing.T) {
 		if m.Timeline < 3 {
 			t.Fatalf("%s on timeline %d after a switchover and a failover, want 3 or more", m.Name, m.Timeline)
 		}
+	}
+}
+
+// synchronous_mode_strict, as README's Failover section describes it: with
+// its only synchronous standby gone, a non-strict Patroni empties
+// synchronous_standby_names and commits go on, on one node alone (lost with
+// it); a strict one names '*' and commits wait until a standby is back.
+func TestPatroniSynchronousModeStrict(t *testing.T) {
+	t.Parallel()
+	for _, strict := range []bool{false, true} {
+		t.Run(fmt.Sprintf("strict=%v", strict), func(t *testing.T) {
+			t.Parallel()
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+			defer cancel()
+			p := StartPatroni(t, PatroniOptions{Strict: strict, TTL: 5 * time.Second})
+			leader, err := p.Leader(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var standby string
+			for _, n := range p.Names() {
+				if n != leader {
+					standby = n
+				}
+			}
+			url := p.NodeURL(leader)
+			exec1(t, ctx, url, `CREATE TABLE t (n int)`)
+			if err := p.KillNode(standby); err != nil {
+				t.Fatal(err)
+			}
+			want := map[bool]string{false: "", true: "*"}[strict]
+			names := func() string {
+				conn, err := pgx.Connect(ctx, url)
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer conn.Close(context.Background())
+				var s string
+				if err := conn.QueryRow(ctx, `SHOW synchronous_standby_names`).Scan(&s); err != nil {
+					t.Fatal(err)
+				}
+				return s
+			}
+			deadline := time.Now().Add(60 * time.Second)
+			for s := names(); s != want; s = names() {
+				if time.Now().After(deadline) {
+					t.Fatalf("synchronous_standby_names is %q 60s after the standby died; want %q (strict %v)", s, want, strict)
+				}
+				time.Sleep(100 * time.Millisecond) // polls what Patroni's loop sets
+			}
+			done := make(chan error, 1)
+			go func() {
+				conn, err := pgx.Connect(ctx, url+"&application_name=committer")
+				if err != nil {
+					done <- err
+					return
+				}
+				defer conn.Close(context.Background())
+				_, err = conn.Exec(ctx, `INSERT INTO t VALUES (1)`)
+				done <- err
+			}()
+			if !strict {
+				// Nothing to wait for: the commit returns, on one node.
+				select {
+				case err := <-done:
+					if err != nil {
+						t.Fatal(err)
+					}
+				case <-time.After(30 * time.Second):
+					t.Fatal("a commit did not return 30s after Patroni emptied synchronous_standby_names")
+				}
+				return
+			}
+			deadline = time.Now().Add(30 * time.Second)
+			for count(t, ctx, url, `SELECT count(*) FROM pg_stat_activity
+				WHERE application_name = 'committer' AND wait_event = 'SyncRep'`) == 0 {
+				select {
+				case err := <-done:
+					t.Fatalf("the commit returned (%v) with no standby, in strict mode", err)
+				default:
+				}
+				if time.Now().After(deadline) {
+					t.Fatal("the commit is not waiting for a standby after 30s, in strict mode")
+				}
+				time.Sleep(10 * time.Millisecond) // polls the server's view of the committer
+			}
+			if err := p.Restart(ctx, standby); err != nil {
+				t.Fatal(err)
+			}
+			if err := <-done; err != nil {
+				t.Fatal(err)
+			}
+			if n := count(t, ctx, p.NodeURL(standby), `SELECT count(*) FROM t`); n != 1 {
+				t.Fatalf("the standby back has %d rows after the waiting commit returned, want 1", n)
+			}
+		})
 	}
 }
