@@ -79,6 +79,11 @@ func (f *fx) listen(ctx context.Context) *pgx.Conn {
 	if _, err := conn.Exec(ctx, "LISTEN "+pgx.Identifier{channel}.Sanitize()); err != nil {
 		f.t.Fatal(err)
 	}
+	// As a hand-written listener must (schema version 7): deletes are
+	// announced on channel() only while some session holds the listener lock.
+	if _, err := conn.Exec(ctx, `SELECT `+f.fn("mark_listening")+`()`); err != nil {
+		f.t.Fatal(err)
+	}
 	return conn
 }
 

@@ -451,7 +451,7 @@ func concurrentReapers(t *testing.T, how string, withAcquirer bool) {
 	}
 }
 
-// The reaper's deletes wake waiters: a LISTEN on the schema's channel gets
+// The reaper's deletes wake waiters: a LISTEN on the schema's channel (marked as a listener) gets
 // the freed keys.
 func TestDeletesNotifyWaiters(t *testing.T) {
 	t.Parallel()
