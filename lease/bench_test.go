@@ -759,3 +759,102 @@ func liveHeap() uint64 {
 	runtime.ReadMemStats(&m)
 	return m.HeapAlloc
 }
+
+// BenchmarkIdleListeners: uncontended Acquire+Release of a key nobody waits
+// for, by one client, while other clients of the schema are connected and
+// listening: 1 of them (b.N/2 pairs before and b.N/2 after) against 100 (b.N
+// pairs in between). Each of the others waits for a key of its own, which
+// one more client holds, so that its LISTEN connection is up; between the
+// phases 99 of them stop waiting and their listeners end. Their pools stay
+// connected in all phases. A release that notified every listener of the
+// schema would cost more with 100.
+//
+//	go test -run '^$' -bench IdleListeners -benchtime 2000x ./lease/
+func BenchmarkIdleListeners(b *testing.B) {
+	const idle = 100
+	// 100 pools of 2 and 100 LISTEN connections, next to the rest.
+	cl := pgtest.Owned(b, pgtest.Options{Settings: map[string]string{"max_connections": "400"}})
+	e := newBenchOn(b, cl)
+	cfg := lease.Config{PollInterval: time.Hour, TTL: time.Hour}
+	holder := e.client(cfg, 2, nil)
+	others := make([]*lease.Client, idle)
+	keys := make([]lease.Key, idle)
+	for i := range others {
+		keys[i] = lease.Key{Name: "idle", ID: strconv.Itoa(i)}
+		if _, err := holder.Acquire(e.ctx, keys[i]); err != nil {
+			b.Fatal(err)
+		}
+		others[i] = e.client(cfg, 2, nil)
+		// Connect its pool and register its holder, as a client in use has.
+		if _, err := others[i].TryAcquire(e.ctx, keys[i]); !errors.Is(err, lease.ErrLocked) {
+			b.Fatalf("TryAcquire of a held key: %v", err)
+		}
+	}
+	c := e.client(lease.Config{}, 4, nil)
+	pair := e.acquireRelease(c.Acquire, lease.Key{Name: "bench", ID: "unwatched"})
+
+	var wg sync.WaitGroup
+	defer wg.Wait() // after cancel
+	ctx, cancel := context.WithCancel(e.ctx)
+	defer cancel()
+	stops := make([]context.CancelFunc, idle)
+	// listen makes others[from:to] wait, and waits until they listen.
+	listen := func(from, to int) {
+		for i := from; i < to; i++ {
+			wctx, stop := context.WithCancel(ctx)
+			stops[i] = stop
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				if _, err := others[i].Acquire(wctx, keys[i]); wctx.Err() == nil {
+					b.Errorf("idle waiter of %s: %v", keys[i], err)
+				}
+			}()
+		}
+		for i := from; i < to; i++ {
+			for !lease.Listening(others[i]) {
+				time.Sleep(time.Millisecond)
+			}
+		}
+	}
+	// quiet makes others[from:to] stop waiting, and waits until their
+	// listeners have ended (after the dispatcher's linger).
+	quiet := func(from, to int) {
+		for i := from; i < to; i++ {
+			stops[i]()
+		}
+		for i := from; i < to; i++ {
+			for lease.Listening(others[i]) || lease.ListenerPID(others[i]) != 0 {
+				time.Sleep(10 * time.Millisecond)
+			}
+		}
+	}
+	phase := func(n int) time.Duration {
+		start := time.Now()
+		for range n {
+			pair()
+		}
+		return time.Since(start)
+	}
+
+	listen(0, 1)
+	phase(50) // warm up
+	b.ResetTimer()
+	before := phase(max(b.N/2, 1))
+	b.StopTimer()
+	listen(1, idle)
+	b.StartTimer()
+	many := phase(b.N)
+	b.StopTimer()
+	quiet(1, idle)
+	b.StartTimer()
+	after := phase(max(b.N/2, 1))
+	b.StopTimer()
+	cancel()
+
+	one := us(before+after, 2*max(b.N/2, 1))
+	b.ReportMetric(float64(many)/float64(b.N), "ns/op")
+	b.ReportMetric(us(many, b.N), "idle100_us")
+	b.ReportMetric(one, "idle1_us")
+	b.ReportMetric(us(many, b.N)/one, "x_idle1")
+}
