@@ -759,3 +759,113 @@ func liveHeap() uint64 {
 	runtime.ReadMemStats(&m)
 	return m.HeapAlloc
 }
+
+// BenchmarkIdleListeners: uncontended Acquire+Release of a key nobody waits
+// for, by one client, while other clients of the schema are connected and
+// listening: 1 of them against 100, about b.N pairs each, in three rounds of
+// 1 then 100, and 1 again at the end (alternating, as interleaving cannot).
+// Each of the others waits for a key of its own, which one more client
+// holds, so that its LISTEN connection is up; between the phases 99 of them
+// stop waiting and their listeners end. Their pools stay connected
+// throughout. A release that notified every listener of the schema would
+// cost more with 100.
+//
+//	go test -run '^$' -bench IdleListeners -benchtime 2000x ./lease/
+func BenchmarkIdleListeners(b *testing.B) {
+	const idle = 100
+	// 100 pools of 2 and 100 LISTEN connections, next to the rest.
+	cl := pgtest.Owned(b, pgtest.Options{Settings: map[string]string{"max_connections": "400"}})
+	e := newBenchOn(b, cl)
+	cfg := lease.Config{PollInterval: time.Hour, TTL: time.Hour}
+	holder := e.client(cfg, 2, nil)
+	others := make([]*lease.Client, idle)
+	keys := make([]lease.Key, idle)
+	for i := range others {
+		keys[i] = lease.Key{Name: "idle", ID: strconv.Itoa(i)}
+		if _, err := holder.Acquire(e.ctx, keys[i]); err != nil {
+			b.Fatal(err)
+		}
+		others[i] = e.client(cfg, 2, nil)
+		// Connect its pool and register its holder, as a client in use has.
+		if _, err := others[i].TryAcquire(e.ctx, keys[i]); !errors.Is(err, lease.ErrLocked) {
+			b.Fatalf("TryAcquire of a held key: %v", err)
+		}
+	}
+	c := e.client(lease.Config{}, 4, nil)
+	pair := e.acquireRelease(c.Acquire, lease.Key{Name: "bench", ID: "unwatched"})
+
+	var wg sync.WaitGroup
+	defer wg.Wait() // after cancel
+	ctx, cancel := context.WithCancel(e.ctx)
+	defer cancel()
+	stops := make([]context.CancelFunc, idle)
+	// listen makes others[from:to] wait, and waits until they listen.
+	listen := func(from, to int) {
+		for i := from; i < to; i++ {
+			wctx, stop := context.WithCancel(ctx)
+			stops[i] = stop
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				if _, err := others[i].Acquire(wctx, keys[i]); wctx.Err() == nil {
+					b.Errorf("idle waiter of %s: %v", keys[i], err)
+				}
+			}()
+		}
+		for i := from; i < to; i++ {
+			for !lease.Listening(others[i]) {
+				time.Sleep(time.Millisecond)
+			}
+		}
+	}
+	// quiet makes others[from:to] stop waiting, and waits until their
+	// listeners have ended (after the dispatcher's linger).
+	quiet := func(from, to int) {
+		for i := from; i < to; i++ {
+			stops[i]()
+		}
+		for i := from; i < to; i++ {
+			for lease.Listening(others[i]) || lease.ListenerPID(others[i]) != 0 {
+				time.Sleep(10 * time.Millisecond)
+			}
+		}
+	}
+	phase := func(n int) time.Duration {
+		start := time.Now()
+		for range n {
+			pair()
+		}
+		return time.Since(start)
+	}
+
+	listen(0, 1)
+	phase(50) // warm up
+	// Alternating, so that a neighbour's load on a shared machine hits both
+	// alike: 1, 100, 1, 100, 1, 100, 1 listening.
+	const rounds = 3
+	perMany := max(b.N/rounds, 1)
+	perOne := max(b.N/(2*rounds), 1)
+	var oneT, manyT time.Duration
+	b.ResetTimer()
+	for r := range rounds + 1 {
+		oneT += phase(perOne)
+		if r == rounds {
+			break
+		}
+		b.StopTimer()
+		listen(1, idle)
+		b.StartTimer()
+		manyT += phase(perMany)
+		b.StopTimer()
+		quiet(1, idle)
+		b.StartTimer()
+	}
+	b.StopTimer()
+	cancel()
+
+	one, many := us(oneT, perOne*(rounds+1)), us(manyT, perMany*rounds)
+	b.ReportMetric(many*1e3, "ns/op")
+	b.ReportMetric(many, "idle100_us")
+	b.ReportMetric(one, "idle1_us")
+	b.ReportMetric(many/one, "x_idle1")
+}

@@ -33,6 +33,7 @@ type run struct {
 var runs = []run{
 	{"^BenchmarkUncontended$", "3000x"},
 	{"^BenchmarkTryAcquireHeld$", "5000x"},
+	{"^BenchmarkIdleListeners$", "2000x"},
 	{"^BenchmarkOneKey8Clients$", "6000x"},
 	{"^BenchmarkWaitingCost$", "8x"},
 	{"^BenchmarkDistinctKeys8Clients$", "8000x"},
@@ -68,6 +69,7 @@ var rows = []row{
 	{"Uncontended", "Acquire+Release, µs", "lease_us", "durable INSERT+DELETE pair", "raw_us", "≤ 0.9 × raw", ratioAtMost(0.9)},
 	{"Uncontended", "advisory lock+unlock, µs (reference)", "adv_us", "durable INSERT+DELETE pair", "raw_us", "", nil},
 	{"TryAcquireHeld", "TryAcquire of a held key, µs", "try_us", "SELECT 1", "select1_us", "", nil},
+	{"IdleListeners", "Acquire+Release, 100 other clients listening, µs", "idle100_us", "the same, 1 other client listening", "idle1_us", "≤ 1.2 × 1", ratioAtMost(1.2)},
 	{"OneKey8Clients/hold=0s", "1 key, 8 clients, hold 0: handoffs/s", "handoffs/s", "advisory lock, 8 conns", "adv_handoffs/s", "≥ 1000", atLeast(1000)},
 	{"OneKey8Clients/hold=0s", "… handoff p50, ms", "p50_ms", "advisory lock, 8 conns", "adv_p50_ms", "≤ 1.5", atMost(1.5)},
 	{"OneKey8Clients/hold=0s", "… handoff p99, ms", "p99_ms", "advisory lock, 8 conns", "adv_p99_ms", "", nil},
