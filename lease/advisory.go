@@ -212,6 +212,7 @@ func (a *Advisory) usableLocked() error {
 }
 
 func (a *Advisory) subscribeFirst() bool { return false }
+func (a *Advisory) askOnSubscribe() bool { return true }
 
 // wideWake: an advisory waiter of a key held on the table path hears the
 // release on the schema's channel.

@@ -31,9 +31,16 @@ type acquireMode interface {
 	// up more about the holder if that is cheap.
 	explain(ctx context.Context, e *LockedError) error
 	// subscribeFirst: a waiting acquirer subscribes to release notifications
-	// before its first attempt (else only after a refusal, then asking again
-	// at once, so that a path that waits in the server never needs LISTEN).
+	// before its first attempt (else only after a refusal, so that an
+	// acquire that is not refused, or a path that waits in the server, never
+	// needs LISTEN).
 	subscribeFirst() bool
+	// askOnSubscribe: after subscribing, upon a refusal, ask again at once
+	// (a release in between would be missed). The table path need not: the
+	// database hands the key over, and tells the holder, whose dispatcher
+	// keeps it in keyState.handed for the acquirer (or, not yet listening,
+	// wakes every waiter once it listens).
+	askOnSubscribe() bool
 	// wideWake: a waiter needs to hear every release of the key (the
 	// schema's channel), not only what the database tells its holder.
 	wideWake() bool
@@ -214,7 +221,16 @@ func (c *Client) acquireObserved(ctx context.Context, m acquireMode, key Key, re
 		obs.wait()
 		if sub == nil {
 			sub = c.disp.Subscribe(mk, m.wideWake())
-			continue
+			if m.askOnSubscribe() {
+				continue
+			}
+			wake = sub.C()
+			c.mu.Lock()
+			pending := ks.handed != nil || ks.poked // heard before we subscribed
+			c.mu.Unlock()
+			if pending {
+				continue
+			}
 		}
 		if refused.busy && !sub.Wide() {
 			// Held on the advisory path, most likely, whose releases the

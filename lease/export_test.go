@@ -1,5 +1,7 @@
 package lease
 
+import "time"
+
 // Attempts returns how many acquire statements c has sent. Each is counted
 // when its reply arrives, so a test that reads N knows the Nth was answered.
 func Attempts(c *Client) int64 { return c.attempts.Load() }
@@ -35,6 +37,10 @@ func ListenerConnections(c *Client) int { return c.disp.Connections() }
 
 // ListenerPID returns the backend pid of c's LISTEN connection, 0 if none.
 func ListenerPID(c *Client) uint32 { return c.disp.BackendPID() }
+
+// KeepListening makes c's dispatcher keep its LISTEN connection for an hour
+// after the last waiter, instead of its linger of a few seconds.
+func KeepListening(c *Client) { c.disp.SetLinger(time.Hour) }
 
 // PauseListener keeps c's dispatcher from (re)connecting until resume is called.
 func PauseListener(c *Client) (resume func()) { return c.disp.PauseConnecting() }

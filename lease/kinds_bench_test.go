@@ -283,7 +283,7 @@ func BenchmarkSemaphore8Clients(b *testing.B) {
 			b.ReportMetric(s.perSec, "acq/s")
 			b.ReportMetric(s.minShare, "min_share")
 			b.ReportMetric(s.maxShare, "max_share")
-			b.ReportMetric(float64(waiterQueries)/float64(max(s.count, 1)), "waiter_q/acq")
+			b.ReportMetric(float64(waiterQueries)/float64(max(s.count, 1)), "acquire_q/acq")
 			b.ReportMetric((excl1.perSec+excl2.perSec)/2, "excl_acq/s")
 			b.ReportMetric(min(excl1.minShare, excl2.minShare), "excl_min_share")
 			b.ReportMetric((adv1.perSec+adv2.perSec)/2, "adv_acq/s")

@@ -31,7 +31,8 @@ type tableLock struct {
 const busyRetry = 10 * time.Millisecond
 
 func (tableMode) usableLocked() error                             { return nil }
-func (tableMode) subscribeFirst() bool                            { return true }
+func (tableMode) subscribeFirst() bool                            { return false }
+func (tableMode) askOnSubscribe() bool                            { return false }
 func (tableMode) wideWake() bool                                  { return false }
 func (tableMode) busyRetry() time.Duration                        { return busyRetry }
 func (tableMode) explain(_ context.Context, e *LockedError) error { return e }

@@ -78,13 +78,25 @@ func mustRelease(t *testing.T, ctx context.Context, l *lease.Lock) {
 	}
 }
 
-// warmUp makes c start its LISTEN connection (any waiting Acquire does) and
-// waits until it listens, so that the wake-up every (re)connect sends is over
-// before a test counts attempts.
+// warmUp makes c start its LISTEN connection (an Acquire that has to wait
+// does), keeps it for the rest of the test (rather than for the dispatcher's
+// linger after the last waiter), and waits until it listens, so that the
+// wake-up every (re)connect sends is over before a test counts attempts.
 func warmUp(t *testing.T, e *env, c *lease.Client) {
 	t.Helper()
-	mustRelease(t, e.ctx, mustAcquire(t, e.ctx, c, lease.Key{Name: "warm-up", ID: "x"}))
+	lease.KeepListening(c)
+	k := lease.Key{Name: "warm-up", ID: fmt.Sprintf("%p", c)}
+	other, _, _ := e.client(lease.Config{})
+	held := mustAcquire(t, e.ctx, other, k)
+	got := goAcquire(e.ctx, c, k)
 	eventually(t, waitLimit, "the LISTEN connection", func() bool { return lease.Listening(c) })
+	mustRelease(t, e.ctx, held)
+	r := await(t, got, "the warm-up acquire")
+	if r.err != nil {
+		t.Fatal(r.err)
+	}
+	mustRelease(t, e.ctx, r.l)
+	_ = other.Close(e.ctx)
 }
 
 // A release in one client hands the key to a waiter in another, which hears

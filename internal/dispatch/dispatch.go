@@ -203,6 +203,14 @@ func (d *Dispatcher) Subscribe(key string, wide bool) *Sub {
 	return &Sub{d: d, key: key, e: e, wide: wide}
 }
 
+// SetLinger changes Config.Linger.
+func (d *Dispatcher) SetLinger(l time.Duration) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.cfg.Linger = l
+	d.interruptLocked()
+}
+
 // SetHolder sets the holder channel to listen on ("" for none).
 func (d *Dispatcher) SetHolder(ch string) {
 	d.mu.Lock()

@@ -488,6 +488,9 @@ BEGIN
             IF p_wait AND n = 1 AND NOT EXISTS (
                    SELECT FROM locks l WHERE l.name = p_names[1] AND l.entity_id = p_ids[1]
                       AND l.holder_id = p_holder AND NOT (l.token = ANY (p_keep))) THEN
+                -- A place in the queue need not survive a crash: a waiter
+                -- whose row is lost queues again at its next call.
+                PERFORM set_config('synchronous_commit', 'off', true);
                 INSERT INTO waiters AS w (name, entity_id, holder_id, kind, permits, set_size, handoff)
                 VALUES (p_names[1], p_ids[1], p_holder, p_kinds[1], p_permits, 1, p_handoff)
                 ON CONFLICT ON CONSTRAINT waiters_key_holder DO NOTHING;
@@ -652,6 +655,8 @@ BEGIN
 
     IF NOT all_fit THEN
         IF p_wait THEN
+            -- Not durably: see above. (A grant that serve makes below is.)
+            PERFORM set_config('synchronous_commit', 'off', true);
             -- Queue on every key, those that fit too (the set waits for all
             -- of them at once), in this one statement under all the keys'
             -- locks: two sets that share keys queue in the same order on
