@@ -248,8 +248,8 @@ func (r *run) handedEnd(ctx context.Context) ([]string, int) {
 		return nil, 0
 	}
 	s := pgx.Identifier{r.schema}.Sanitize()
-	rows, err := r.admin.Query(ctx, `SELECT holder_id, entity_id, token, kind, slot, 'lock' FROM `+s+`.locks WHERE holder_id = ANY($1)
-		UNION ALL SELECT holder_id, entity_id, 0, kind, 0, 'waiter' FROM `+s+`.waiters WHERE holder_id = ANY($1)`, holders)
+	rows, err := r.admin.Query(ctx, `SELECT holder_id, entity_id, token, kind::text, slot, 'lock' FROM `+s+`.locks WHERE holder_id = ANY($1)
+		UNION ALL SELECT holder_id, entity_id, 0, kind::text, 0, 'waiter' FROM `+s+`.waiters WHERE holder_id = ANY($1)`, holders)
 	if err != nil {
 		return []string{fmt.Sprintf("end: read the rows of handed-and-killed holders: %v", err)}, 0
 	}
