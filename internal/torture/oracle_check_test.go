@@ -239,31 +239,31 @@ func TestCheckHandoff(t *testing.T) {
 	waiting := []*wait{{proc: "p1", keys: []string{"k0"}, from: 100 * ms}}
 	next := &interval{proc: "p1", key: "k0", token: 2, start: 1600 * ms, end: 1700 * ms}
 
-	v, h, _ := checkHandoff(kills, []*interval{held, next}, waiting, ttl, bound, 10_000*ms)
+	v, h, _, _ := checkHandoff(kills, []*interval{held, next}, waiting, ttl, bound, 10_000*ms)
 	expect(t, v, "")
 	if h.keys != 1 || h.passed != 1 || h.slowest != 1100*time.Millisecond {
 		t.Fatalf("handoffs %+v; want 1 of 1, 1.1s", h)
 	}
-	v, _, _ = checkHandoff(kills, []*interval{held}, waiting, ttl, bound, 10_000*ms)
+	v, _, _, _ = checkHandoff(kills, []*interval{held}, waiting, ttl, bound, 10_000*ms)
 	expect(t, v, "not taken within 1s of when it could be free (+1s after the kill) although p1 was waiting")
 	// Nobody waited: nothing to hand over.
-	v, _, _ = checkHandoff(kills, []*interval{held}, nil, ttl, bound, 10_000*ms)
+	v, _, _, _ = checkHandoff(kills, []*interval{held}, nil, ttl, bound, 10_000*ms)
 	expect(t, v, "")
 	// The run ended too soon after the kill to judge.
-	v, _, _ = checkHandoff(kills, []*interval{held}, waiting, ttl, bound, 2000*ms)
+	v, _, _, _ = checkHandoff(kills, []*interval{held}, waiting, ttl, bound, 2000*ms)
 	expect(t, v, "")
 
 	// A reader that shared the key with the killed one kept it until 3s: a
 	// writer waiting for it is judged from then on.
 	reader := &interval{proc: "p2", key: "k0", token: 3, start: 200 * ms, end: 3000 * ms, kind: KindShared}
 	lateNext := &interval{proc: "p1", key: "k0", token: 4, start: 3500 * ms, end: 3600 * ms}
-	v, _, _ = checkHandoff(kills, []*interval{held, reader, lateNext}, waiting, ttl, bound, 10_000*ms)
+	v, _, _, _ = checkHandoff(kills, []*interval{held, reader, lateNext}, waiting, ttl, bound, 10_000*ms)
 	expect(t, v, "")
-	v, _, _ = checkHandoff(kills, []*interval{held, reader}, waiting, ttl, bound, 10_000*ms)
+	v, _, _, _ = checkHandoff(kills, []*interval{held, reader}, waiting, ttl, bound, 10_000*ms)
 	expect(t, v, "(+2.5s after the kill) although p1 was waiting")
 	// Killed too, it kept the key until its own lease ran out.
 	killedReader := &interval{proc: "p2", key: "k0", token: 3, start: 200 * ms, end: 1000 * ms, killed: true, kind: KindShared}
-	v, _, _ = checkHandoff(kills, []*interval{held, killedReader}, waiting, ttl, bound, 10_000*ms)
+	v, _, _, _ = checkHandoff(kills, []*interval{held, killedReader}, waiting, ttl, bound, 10_000*ms)
 	expect(t, v, "(+1.5s after the kill) although p1 was waiting")
 
 	// A waiter killed at the head of the queue: the next waiter gets the key
@@ -271,7 +271,7 @@ func TestCheckHandoff(t *testing.T) {
 	headKill := []killRec{{proc: "p3", t: 500 * ms, waited: []string{"k0"}, head: "k0"}}
 	deadWait := &wait{proc: "p3", keys: []string{"k0"}, from: 50 * ms, to: 500 * ms, died: true}
 	waits := []*wait{deadWait, waiting[0]}
-	v, _, hd := checkHandoff(headKill, []*interval{next}, waits, ttl, bound, 10_000*ms)
+	v, _, hd, _ := checkHandoff(headKill, []*interval{next}, waits, ttl, bound, 10_000*ms)
 	expect(t, v, "")
 	if hd.keys != 1 || hd.passed != 1 || hd.slowest != 1100*time.Millisecond || hd.alone != 1 || hd.slowestAlone != hd.slowest {
 		t.Fatalf("head figures %+v; want 1 of 1, 1.1s, alone", hd)
@@ -279,22 +279,43 @@ func TestCheckHandoff(t *testing.T) {
 	// Kept by a killed holder until 2s: passed on, but not alone.
 	holderKilled := &interval{proc: "p6", key: "k0", token: 8, start: 0, end: 1000 * ms, killed: true}
 	later := &interval{proc: "p1", key: "k0", token: 10, start: 2600 * ms, end: 2700 * ms}
-	v, _, hd = checkHandoff(headKill, []*interval{holderKilled, later}, waits, ttl, bound, 10_000*ms)
+	v, _, hd, _ = checkHandoff(headKill, []*interval{holderKilled, later}, waits, ttl, bound, 10_000*ms)
 	expect(t, v, "")
 	if hd.passed != 1 || hd.alone != 0 || hd.slowest != 2100*time.Millisecond {
 		t.Fatalf("head figures %+v; want passed 1 in 2.1s, none alone", hd)
 	}
-	v, _, _ = checkHandoff(headKill, nil, waits, ttl, bound, 10_000*ms)
+	v, _, _, _ = checkHandoff(headKill, nil, waits, ttl, bound, 10_000*ms)
 	expect(t, v, "k0, which killed p3 headed the queue of, not taken")
 
 	// Behind a key set that waits for k1 too, which p4 holds until 4s: the
 	// key could not be free before.
 	setWait := &wait{proc: "p5", keys: []string{"k0", "k1"}, from: 60 * ms}
 	other := &interval{proc: "p4", key: "k1", token: 9, start: 100 * ms, end: 4000 * ms}
-	v, _, _ = checkHandoff(headKill, []*interval{other}, append(waits, setWait), ttl, bound, 10_000*ms)
+	v, _, _, _ = checkHandoff(headKill, []*interval{other}, append(waits, setWait), ttl, bound, 10_000*ms)
 	expect(t, v, "(+3.5s after the kill) although p1 was waiting")
-	v, _, _ = checkHandoff(headKill, []*interval{other}, append(waits, setWait), ttl, bound, 4400*ms)
+	v, _, _, _ = checkHandoff(headKill, []*interval{other}, append(waits, setWait), ttl, bound, 4400*ms)
 	expect(t, v, "") // too soon to judge
+
+	// A waiter killed just after a release handed it the key: the next
+	// waiter gets it once the dead holder's lease ran out, whether the
+	// dead one had reported the grant (acted) or not; figures for the
+	// handed kills, none for the head or the held.
+	handedWait := &wait{proc: "p7", keys: []string{"k0"}, from: 50 * ms, to: 500 * ms, died: true}
+	handedKill := []killRec{{proc: "p7", t: 500 * ms, waited: []string{"k0"}, handed: "k0", handedTok: 11}}
+	v, hl, hd, hn := checkHandoff(handedKill, []*interval{next}, []*wait{handedWait, waiting[0]}, ttl, bound, 10_000*ms)
+	expect(t, v, "")
+	if hn.keys != 1 || hn.passed != 1 || hn.slowest != 1100*time.Millisecond || hn.alone != 1 || hl.keys+hd.keys != 0 {
+		t.Fatalf("handed figures %+v (held %+v, head %+v); want 1 of 1 in 1.1s, alone, and no other", hn, hl, hd)
+	}
+	actedIv := &interval{proc: "p7", key: "k0", token: 11, start: 490 * ms, end: 500 * ms, killed: true}
+	acted := []killRec{{proc: "p7", t: 500 * ms, held: []*interval{actedIv}, handed: "k0", handedTok: 11, acted: true}}
+	v, hl, _, hn = checkHandoff(acted, []*interval{actedIv, next}, waiting, ttl, bound, 10_000*ms)
+	expect(t, v, "")
+	if hn.keys != 1 || hn.passed != 1 || hl.keys != 0 {
+		t.Fatalf("handed figures %+v (held %+v); want the acted kill counted as handed only", hn, hl)
+	}
+	v, _, _, _ = checkHandoff(handedKill, nil, []*wait{handedWait, waiting[0]}, ttl, bound, 10_000*ms)
+	expect(t, v, "k0, which killed p7 had just been handed, not taken within 1s")
 }
 
 func TestLateWrites(t *testing.T) {

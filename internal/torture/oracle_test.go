@@ -416,9 +416,10 @@ type handoffs struct {
 // for through the window, whatever kept the set's other keys. end is when
 // the run stopped; later kills are not judged. It returns the figures for
 // the keys killed holders held, and for the keys that killed waiters headed
-// the queue of: how many passed on, and how soon, of all and of those that
+// the queue of, and for the keys that killed waiters had just been handed by
+// a release: how many passed on, and how soon, of all and of those that
 // nothing else kept.
-func checkHandoff(kills []killRec, ivs []*interval, waits []*wait, ttl, bound time.Duration, end int64) (v []string, held, head handoffs) {
+func checkHandoff(kills []killRec, ivs []*interval, waits []*wait, ttl, bound time.Duration, end int64) (v []string, held, head, handed handoffs) {
 	const never = int64(1<<63 - 1)
 	delta := int64(bound - ttl)
 	for _, k := range kills {
@@ -435,6 +436,8 @@ func checkHandoff(kills []killRec, ivs []*interval, waits []*wait, ttl, bound ti
 			}
 			fig := (*handoffs)(nil)
 			switch {
+			case key == k.handed:
+				fig = &handed
 			case slices.ContainsFunc(k.held, func(iv *interval) bool { return iv.key == key }):
 				fig = &held
 			case key == k.head:
@@ -500,7 +503,9 @@ func checkHandoff(kills []killRec, ivs []*interval, waits []*wait, ttl, bound ti
 			for _, w := range waits {
 				if w.proc != k.proc && len(w.keys) == 1 && w.keys[0] == key && w.from <= free && (w.to == 0 || w.to > free+delta) {
 					what := "held"
-					if fig == &head {
+					if fig == &handed {
+						what = "had just been handed"
+					} else if fig == &head {
 						what = "headed the queue of"
 					} else if fig == nil {
 						what = "waited for"
@@ -512,7 +517,7 @@ func checkHandoff(kills []killRec, ivs []*interval, waits []*wait, ttl, bound ti
 			}
 		}
 	}
-	return v, held, head
+	return v, held, head, handed
 }
 
 // checkFenceOrder: a write fenced with token T never lands after a later

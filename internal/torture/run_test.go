@@ -56,6 +56,9 @@ type params struct {
 	// waiterKills: the kill fault also killed waiters at the head of a
 	// key's queue (set by faultKillKinds).
 	waiterKills bool
+	// handedKills: the kill fault also killed waiters just handed a key
+	// (set by faultKillHandoff).
+	handedKills bool
 }
 
 // grace absorbs scheduling delays of a loaded 2-core machine running the race
@@ -121,6 +124,14 @@ type killRec struct {
 	// view showed it first in the queue of that key just before the kill.
 	waited []string
 	head   string
+	// handed: the key a release had just handed it when it was killed
+	// (faultKillHandoff), with the grant's token and the holder id; frozen,
+	// if it was stopped before the handoff; acted, if it had reported the
+	// grant before it died.
+	handed        string
+	handedTok     int64
+	handedHolder  int64
+	frozen, acted bool
 }
 
 // holderProc is one running helper process.
@@ -173,6 +184,7 @@ type run struct {
 	kills        []killRec
 	faults       int
 	fastRestarts int
+	handedTries  int // waiters killHanded listened to (one in the queue behind a live grant)
 	acqErrors    int
 	releases     int
 	violations   []string

@@ -70,11 +70,36 @@ var scenarios = []scenario{
 	{"semaphore-restart", kinds("semaphore", nil), faultRestart},
 	{"sets-kill", kinds("set", nil), faultKillKinds},
 	{"sets-pause", kinds("set", pausing), faultPause},
+	// 10. Direct handoff: kills of waiters just handed a key by a release,
+	// frozen before the handoff or racing it, among kills of holders; on
+	// one key (two in the long mode) so that a queue is always there. The
+	// long mode also hands shared locks and permits.
+	{"handoff-kill", handoffKeys(""), faultKillHandoff},
+	{"handoff-shared-kill", handoffKeys("shared"), faultKillHandoff},
+	{"handoff-semaphore-kill", handoffKeys("semaphore"), faultKillHandoff},
 }
 
 // longOnly names the scenarios that run in the long mode only: the short
 // mode runs in every go test and is kept to a few minutes.
-var longOnly = map[string]bool{"shared-pause": true, "semaphore-kill": true}
+var longOnly = map[string]bool{"shared-pause": true, "semaphore-kill": true,
+	"handoff-shared-kill": true, "handoff-semaphore-kill": true}
+
+// handoffKeys adjusts a handoff scenario: few keys, so that every release
+// has a queue to serve, of kind kind (exclusive when empty), for the whole
+// duration of the others (a handed kill and its pass-on take a TTL or two).
+func handoffKeys(kind string) func(p *params) {
+	return func(p *params) {
+		if kind != "" {
+			dur := p.dur
+			kinds(kind, nil)(p)
+			p.dur = dur // kinds shortens the short mode; a handed kill and its pass-on need the time
+		}
+		p.keys = 1
+		if long() {
+			p.keys = 2
+		}
+	}
+}
 
 func mixed(p *params) { p.mode = "mixed" }
 
@@ -243,7 +268,9 @@ func (r *run) check() []string {
 	if err != nil {
 		t.Fatal(err)
 	}
+	hend, handedLeft := r.handedEnd(ctx)
 	end, deadWaiters := r.endState(ctx)
+	end = append(hend, end...)
 	r.extra = append(r.extra, fmt.Sprintf(" end_dead_waiters=%d", deadWaiters))
 
 	r.mu.Lock()
@@ -260,7 +287,7 @@ func (r *run) check() []string {
 	pv, excusedPermits, peak := checkPermits(r.intervals, r.pauses, r.drops, r.p.check+grace)
 	v = append(v, pv...)
 	bound := r.p.ttl + r.p.poll + grace
-	hv, held, head := checkHandoff(r.kills, r.intervals, r.waits, r.p.ttl, bound, r.end)
+	hv, held, head, handed := checkHandoff(r.kills, r.intervals, r.waits, r.p.ttl, bound, r.end)
 	v = append(v, hv...)
 	if len(r.kills) > 0 {
 		r.extra = append(r.extra, fmt.Sprintf(" kills_holding=%d handed_over=%d slowest_handover=%s",
@@ -276,6 +303,14 @@ func (r *run) check() []string {
 			head.keys, head.passed, head.slowest.Round(time.Millisecond), head.alone, head.slowestAlone.Round(time.Millisecond)))
 		if head.keys == 0 {
 			v = append(v, "kill: no waiter was killed at the head of a queue: the scenario did not exercise the queue")
+		}
+	}
+	if r.p.handedKills {
+		// A waiter killed just after a release handed it the key holds
+		// the key (dead) until its lease runs out: then it passes on.
+		r.extra = append(r.extra, handedFigures(r.kills, handed, r.handedTries)+fmt.Sprintf(" handed_dead_rows_at_end=%d", handedLeft))
+		if handed.keys == 0 {
+			v = append(v, "handoff: no waiter was killed just after a release handed it the key: the scenario did not exercise the handoff")
 		}
 	}
 	v = append(v, r.kindFigures(reads, peak, excusedPermits)...)
@@ -512,10 +547,12 @@ func (r *run) fail(v []string) {
 	}
 }
 
+// countHeld counts the kills of processes that held a lock, other than
+// those just handed one (counted apart).
 func countHeld(kills []killRec) int {
 	n := 0
 	for _, k := range kills {
-		if len(k.held) > 0 {
+		if len(k.held) > 0 && k.handed == "" {
 			n++
 		}
 	}
