@@ -304,7 +304,7 @@ func (a *Advisory) dropOwnRow(ctx context.Context, key Key) bool {
 	live := h != nil && !h.lost
 	keep := []int64{} // an array, not NULL
 	if ks := c.keys[key.mapKey()]; live && ks != nil {
-		keep = ks.tableTokensLocked(h)
+		keep = ks.tableTokensLocked(h, key)
 	}
 	c.mu.Unlock()
 	if !live {

@@ -39,7 +39,7 @@ func (c *Client) cleanupOrphan(key Key, h *holder) {
 		if skip {
 			delete(h.orphans, mk)
 		}
-		keep := ks.tableTokensLocked(h)
+		keep := ks.tableTokensLocked(h, key)
 		c.mu.Unlock()
 		if skip {
 			return

@@ -86,12 +86,20 @@ func (ks *keyState) blocksLocked(k Kind) *Lock {
 }
 
 // tableTokensLocked is the tokens of the table locks of holder h this
-// client holds on the key (c.mu held): the grants an acquire must keep.
-func (ks *keyState) tableTokensLocked(h *holder) []int64 {
+// client holds on key, and of its releases of key still pending (c.mu
+// held): the grants an acquire must keep. (A pending release deletes its
+// row when it is retried; an acquire must neither delete it as an orphan nor
+// take it as a grant it did not know of.)
+func (ks *keyState) tableTokensLocked(h *holder, key Key) []int64 {
 	keep := []int64{}
 	for _, l := range ks.held {
 		if t, ok := l.mode.(*tableLock); ok && t.h == h {
 			keep = append(keep, l.token)
+		}
+	}
+	for tok, k := range h.pending {
+		if k == key {
+			keep = append(keep, tok)
 		}
 	}
 	return keep

@@ -312,7 +312,7 @@ func (c *Client) acquireSetObserved(ctx context.Context, members, sorted []SetMe
 		keep := []int64{}
 		fresh := false
 		for _, sl := range slots {
-			keep = append(keep, sl.ks.tableTokensLocked(h)...)
+			keep = append(keep, sl.ks.tableTokensLocked(h, sl.m.Key)...)
 			fresh = fresh || sl.ks.poked
 			sl.ks.poked = false
 		}

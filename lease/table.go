@@ -65,7 +65,7 @@ func (m tableMode) attempt(ctx context.Context, key Key, ks *keyState, req reque
 	}
 	fresh := ks.poked
 	ks.poked = false
-	keep := ks.tableTokensLocked(h)
+	keep := ks.tableTokensLocked(h, key)
 	c.mu.Unlock()
 	g, err := c.grant(ctx, h, []Key{key}, []Kind{req.kind}, req.permits, wait, keep, fresh)
 	if err != nil {

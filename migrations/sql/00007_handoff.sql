@@ -272,7 +272,8 @@ $$;
 --   was poked asks this way (see serve).
 -- - A grant of the caller on the key, of the kind asked for and not in
 --   p_keep (a handoff the caller has not heard of yet, or a lost reply), is
---   the caller's key: it is adopted, under a new token.
+--   the caller's key: it is returned as acquired, with its token. p_keep
+--   lists the tokens of the caller's pending releases too.
 -- - Its deletes are quiet; it serves the queues it changed itself, before it
 --   returns: after a dead grant, a dead waiter or an orphan went and the
 --   caller did not get the key, and after a shared grant or a permit (the
@@ -561,7 +562,7 @@ BEGIN
                AND r.permits = p_permits THEN
                 -- A grant of ours that we did not know of, of the kind asked
                 -- for: a handoff whose notification has not arrived, or an
-                -- acquire whose reply was lost. The key is ours: adopted below.
+                -- acquire whose reply was lost. The key is ours: returned below.
                 adopt := r.token;
                 adopt_s := r.slot;
                 CONTINUE;
@@ -571,18 +572,14 @@ BEGIN
         END LOOP;
 
         IF adopt IS NOT NULL THEN
-            -- Adopted under a new token: the old one may be a release of
-            -- ours still pending, which must not delete the lock we return.
-            DELETE FROM locks l WHERE l.name = nm AND l.entity_id = ident AND l.token = adopt;
+            -- The grant is returned as it is, with its token: the caller
+            -- passes in p_keep the tokens of its releases still pending too,
+            -- so this is no lock it gave up.
             DELETE FROM waiters w WHERE w.name = nm AND w.entity_id = ident AND w.holder_id = p_holder;
-            IF NOT EXISTS (SELECT FROM token_guard) THEN
-                PERFORM guard_tokens();
-            END IF;
-            t := nextval('token_seq');
-            s := CASE WHEN kd = 's' THEN t ELSE adopt_s END;
-            INSERT INTO locks AS l (name, entity_id, token, holder_id, kind, slot, permits)
-            VALUES (nm, ident, t, p_holder, kd, s, p_permits)
-            RETURNING l.acquired_at INTO now_at;
+            SELECT l.acquired_at INTO now_at FROM locks l
+             WHERE l.name = nm AND l.entity_id = ident AND l.token = adopt;
+            t := adopt;
+            s := adopt_s;
             IF kd <> 'x' THEN
                 PERFORM serve(nm, ident, false);
             END IF;
