@@ -490,6 +490,9 @@ func (d *Dispatcher) session() (ok bool, err error) {
 				// that Listening() reporting true means this wake-up is done.
 				d.wakeAllLocked()
 				d.mu.Unlock()
+				// The wait's deadline was set before the probe: set it again.
+				cancel()
+				continue
 			}
 			if on == (listenState{}) {
 				quietUntil = time.Time{}
