@@ -108,7 +108,9 @@ func TestElectionOneLeaderAtATime(t *testing.T) {
 		t.Fatalf("%d times two candidates led at once", v)
 	}
 	var prev int64
+	campaigned := map[int64]bool{}
 	for tok := range tokens {
+		campaigned[tok] = true
 		if tok <= prev {
 			t.Errorf("leader token %d after %d: later leaders must have larger tokens", tok, prev)
 		}
@@ -126,14 +128,27 @@ func TestElectionOneLeaderAtATime(t *testing.T) {
 	})
 	ocancel()
 	<-observerDone // its channel is closed when its ctx ends
+	// Every observed leader is a Campaign's, but for one case: a key handed
+	// to a waiting candidate whose own attempt took it first adopts the
+	// grant under a new token, so the observer may see that candidate's
+	// holder lead with the handed token just before its Campaign's.
 	var leaders []int64
-	for _, l := range seen {
-		if l.Token != 0 {
-			leaders = append(leaders, l.Token)
+	nCampaigns := 0
+	for i, l := range seen {
+		if l.Token == 0 {
+			continue
+		}
+		leaders = append(leaders, l.Token)
+		switch {
+		case campaigned[l.Token]:
+			nCampaigns++
+		case i+1 < len(seen) && seen[i+1].HolderID == l.HolderID && campaigned[seen[i+1].Token]:
+		default:
+			t.Errorf("observed leader %+v is no Campaign's", l)
 		}
 	}
-	if len(leaders) != candidates*terms {
-		t.Errorf("observed %d leaders, want %d: %+v", len(leaders), candidates*terms, seen)
+	if nCampaigns != candidates*terms {
+		t.Errorf("observed %d of the %d Campaigns' leaders: %+v", nCampaigns, candidates*terms, seen)
 	}
 	for i := 1; i < len(leaders); i++ {
 		if leaders[i] <= leaders[i-1] {

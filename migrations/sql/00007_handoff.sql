@@ -272,8 +272,8 @@ $$;
 --   was poked asks this way (see serve).
 -- - A grant of the caller on the key, of the kind asked for and not in
 --   p_keep (a handoff the caller has not heard of yet, or a lost reply), is
---   the caller's key: it is returned as acquired, with its token. p_keep
---   lists the tokens of the caller's pending releases too.
+--   the caller's key: it is adopted, under a new token (p_keep lists the
+--   tokens of the caller's pending releases too).
 -- - Its deletes are quiet; it serves the queues it changed itself, before it
 --   returns: after a dead grant, a dead waiter or an orphan went and the
 --   caller did not get the key, and after a shared grant or a permit (the
@@ -562,7 +562,7 @@ BEGIN
                AND r.permits = p_permits THEN
                 -- A grant of ours that we did not know of, of the kind asked
                 -- for: a handoff whose notification has not arrived, or an
-                -- acquire whose reply was lost. The key is ours: returned below.
+                -- acquire whose reply was lost. The key is ours: adopted below.
                 adopt := r.token;
                 adopt_s := r.slot;
                 CONTINUE;
@@ -572,14 +572,21 @@ BEGIN
         END LOOP;
 
         IF adopt IS NOT NULL THEN
-            -- The grant is returned as it is, with its token: the caller
-            -- passes in p_keep the tokens of its releases still pending too,
-            -- so this is no lock it gave up.
+            -- Adopted under a new token. The old one may be a lock the
+            -- caller had and released, back after a crash undid the release
+            -- (it commits asynchronously): handing that token out again would
+            -- let a late write of the first holding pass a fence during the
+            -- second.
+            DELETE FROM locks l WHERE l.name = nm AND l.entity_id = ident AND l.token = adopt;
             DELETE FROM waiters w WHERE w.name = nm AND w.entity_id = ident AND w.holder_id = p_holder;
-            SELECT l.acquired_at INTO now_at FROM locks l
-             WHERE l.name = nm AND l.entity_id = ident AND l.token = adopt;
-            t := adopt;
-            s := adopt_s;
+            IF NOT EXISTS (SELECT FROM token_guard) THEN
+                PERFORM guard_tokens();
+            END IF;
+            t := nextval('token_seq');
+            s := CASE WHEN kd = 's' THEN t ELSE adopt_s END;
+            INSERT INTO locks AS l (name, entity_id, token, holder_id, kind, slot, permits)
+            VALUES (nm, ident, t, p_holder, kd, s, p_permits)
+            RETURNING l.acquired_at INTO now_at;
             IF kd <> 'x' THEN
                 PERFORM serve(nm, ident, false);
             END IF;
