@@ -73,6 +73,15 @@ type keyState struct {
 	queue    []*waiter
 }
 
+// leftQueueLocked records that the holder has no place in the key's queue
+// in the database any more (c.mu held): it got the key, or a clean-up is
+// deleting its waiter row and any grant handed over meanwhile.
+func (ks *keyState) leftQueueLocked() {
+	ks.queued = false
+	ks.waiterID = 0
+	ks.handed = nil
+}
+
 // blocksLocked returns a lock this client holds on the key that keeps a
 // request of kind k out (c.mu held): an exclusive lock, or any lock when k
 // is exclusive; nil when there is none.
@@ -353,9 +362,7 @@ func (c *Client) leave(key Key, ks *keyState, w *waiter) {
 	if drop {
 		// The clean-up deletes the waiter row, or the grant the database
 		// handed over meanwhile (which hands the key on).
-		ks.queued = false
-		ks.waiterID = 0
-		ks.handed = nil
+		ks.leftQueueLocked()
 		ks.poked = false
 	}
 	c.gcKeyLocked(mk, ks)

@@ -50,8 +50,7 @@ func (m tableMode) attempt(ctx context.Context, key Key, ks *keyState, req reque
 		if hd.Waiter == ks.waiterID && hd.Channel == h.channel && !h.lost && !c.closed &&
 			hd.Kind == req.kind.sqlKind() && hd.Permits == req.permits {
 			// The database handed us the key: the grant is committed.
-			ks.queued = false
-			ks.waiterID = 0
+			ks.leftQueueLocked()
 			ks.poked = false
 			l := c.holdTableLocked(h, ks, key, req, hd.Token, hd.Slot, hd.AcquiredAt)
 			c.mu.Unlock()
@@ -90,9 +89,9 @@ func (m tableMode) attempt(ctx context.Context, key Key, ks *keyState, req reque
 		return nil, g.refusal(key), nil
 	}
 	c.mu.Lock()
-	ks.queued = false // the grant took this holder's waiter row, if it had one
-	ks.waiterID = 0
-	ks.handed = nil // a handoff heard meanwhile was adopted by this grant
+	// The grant took this holder's waiter row, if it had one, and adopted a
+	// grant handed over meanwhile.
+	ks.leftQueueLocked()
 	if h.lost || c.closed {
 		closed := c.closed
 		c.mu.Unlock()
