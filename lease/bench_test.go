@@ -213,13 +213,57 @@ func BenchmarkUncontended(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
-	t := interleaved(b, 50, pair, rawOnce, adv)
-	tLease, tRaw, tAdv := t[0], t[1], t[2]
+	sqlPair := e.sqlAcquireRelease()
+	selConn, err := e.pool(1, nil).Acquire(e.ctx)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer selConn.Release()
+	sel2 := func() {
+		for range 2 {
+			if _, err := selConn.Exec(e.ctx, "SELECT 1"); err != nil {
+				b.Fatal(err)
+			}
+		}
+	}
+	t := interleaved(b, 50, pair, rawOnce, adv, sqlPair, sel2)
+	tLease, tRaw, tAdv, tSQL, tSel2 := t[0], t[1], t[2], t[3], t[4]
 	b.ReportMetric(float64(tLease)/float64(b.N), "ns/op")
 	b.ReportMetric(us(tLease, b.N), "lease_us")
 	b.ReportMetric(us(tRaw, b.N), "raw_us")
 	b.ReportMetric(us(tAdv, b.N), "adv_us")
+	b.ReportMetric(us(tSQL, b.N), "sql_us")
+	b.ReportMetric(us(tSel2, b.N), "select1x2_us")
 	b.ReportMetric(float64(tLease)/float64(tRaw), "x_raw")
+}
+
+// sqlAcquireRelease returns an op that takes a free key and releases it with
+// the two statements the client sends, acquire_keys and release, straight
+// through pgx on a one-connection pool of its own, for a holder it registers
+// itself: the server's and the round trips' share of Acquire+Release, without
+// the client's.
+func (e *bench) sqlAcquireRelease() func() {
+	e.b.Helper()
+	pool := e.pool(1, nil)
+	s := pgx.Identifier{e.db.Schema}.Sanitize()
+	secret := []byte("0123456789abcdef")
+	var holder int64
+	if err := pool.QueryRow(e.ctx, `SELECT `+s+`.register('bench', 1, 'bench', interval '1 hour', $1)`,
+		secret).Scan(&holder); err != nil {
+		e.b.Fatal(err)
+	}
+	acquire := `SELECT acquired, tokens FROM ` + s + `.acquire_keys('{sql}', '{1}', '{x}', 1, $1, $2, true, '{}', false)`
+	release := `SELECT ` + s + `.release('sql', '1', $1, $2, $3)`
+	return func() {
+		var ok bool
+		var tokens []int64
+		if err := pool.QueryRow(e.ctx, acquire, holder, secret).Scan(&ok, &tokens); err != nil || !ok {
+			e.b.Fatalf("acquire_keys: %v (acquired %v)", err, ok)
+		}
+		if err := pool.QueryRow(e.ctx, release, tokens[0], holder, secret).Scan(&ok); err != nil || !ok {
+			e.b.Fatalf("release: %v (released %v)", err, ok)
+		}
+	}
 }
 
 // BenchmarkTryAcquireHeld: TryAcquire of a key another client holds, against
