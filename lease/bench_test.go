@@ -498,11 +498,73 @@ func oneKeyAdvisory(e *bench, conns []*pgx.Conn, hold time.Duration, limit int) 
 	return h.stats()
 }
 
+// notifyRing is the floor of a handoff chain: conns connections in a ring,
+// each waiting for a notification on a channel of its own and then (after
+// hold) sending one, in a durable transaction of its own, to the next, until
+// limit notifications were received. It returns them per second. A handoff
+// is such a step (a durable commit whose NOTIFY wakes the next holder) with
+// the release's work and the client's added.
+func notifyRing(e *bench, n int, hold time.Duration, limit int) float64 {
+	e.b.Helper()
+	conns := make([]*pgx.Conn, n)
+	for i := range conns {
+		conn, err := pgx.Connect(e.ctx, e.cl.URL())
+		if err != nil {
+			e.b.Fatal(err)
+		}
+		defer conn.Close(context.Background())
+		if _, err := conn.Exec(e.ctx, fmt.Sprintf("LISTEN ring_%d", i)); err != nil {
+			e.b.Fatal(err)
+		}
+		conns[i] = conn
+	}
+	ctx, cancel := context.WithCancel(e.ctx)
+	defer cancel()
+	var got atomic.Int64
+	var wg sync.WaitGroup
+	for i, conn := range conns {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				if _, err := conn.WaitForNotification(ctx); err != nil {
+					if ctx.Err() == nil {
+						e.b.Errorf("ring: %v", err)
+						cancel()
+					}
+					return
+				}
+				if got.Add(1) >= int64(limit) {
+					cancel()
+					return
+				}
+				if hold > 0 {
+					time.Sleep(hold)
+				}
+				if _, err := conn.Exec(ctx, fmt.Sprintf("NOTIFY ring_%d", (i+1)%n)); err != nil {
+					if ctx.Err() == nil {
+						e.b.Errorf("ring: %v", err)
+						cancel()
+					}
+					return
+				}
+			}
+		}()
+	}
+	start := time.Now()
+	if _, err := e.db.Pool.Exec(e.ctx, "NOTIFY ring_0"); err != nil {
+		e.b.Fatal(err)
+	}
+	wg.Wait()
+	return float64(got.Load()) / time.Since(start).Seconds()
+}
+
 // BenchmarkOneKey8Clients: eight clients, each with its own pool, take turns
 // on one key, holding it 0 or 2 ms. b.N is the number of pglease
 // acquisitions (fewer if a phase reaches phaseCap: see count); a blocking
 // advisory lock on eight connections runs b.N/2 acquisitions before and
-// after as the baseline.
+// after as the baseline, and a ring of durable NOTIFYs (notifyRing) b.N/2
+// passes before and after as the floor of a chain of handoffs.
 //
 //	go test -run '^$' -bench OneKey8Clients -benchtime 6000x ./lease/
 func BenchmarkOneKey8Clients(b *testing.B) {
@@ -528,7 +590,9 @@ func BenchmarkOneKey8Clients(b *testing.B) {
 
 			b.ResetTimer()
 			adv1 := oneKeyAdvisory(e, conns, hold, max(b.N/2, 2))
+			ring1 := notifyRing(e, n, hold, max(b.N/2, 2))
 			s, waiterQueries := oneKeyPglease(e, clients, hold, max(b.N, 2))
+			ring2 := notifyRing(e, n, hold, max(b.N/2, 2))
 			adv2 := oneKeyAdvisory(e, conns, hold, max(b.N/2, 2))
 			b.StopTimer()
 			adv := handoffStats{
@@ -556,6 +620,7 @@ func BenchmarkOneKey8Clients(b *testing.B) {
 			b.ReportMetric(adv.p50, "adv_p50_ms")
 			b.ReportMetric(adv.p99, "adv_p99_ms")
 			b.ReportMetric(adv.minShare, "adv_min_share")
+			b.ReportMetric((ring1+ring2)/2, "ring_passes/s")
 		})
 	}
 }

@@ -64,6 +64,37 @@ $$;
 -- +goose StatementEnd
 REVOKE EXECUTE ON FUNCTION announce(text[]) FROM PUBLIC;
 
+-- key_lock_again tries the key lock p_hash (shared or not) a few more
+-- times, 0.1 to 0.4 ms apart, for a caller that holds the key's queue lock
+-- and found the key lock taken; it returns whether it got it. A transaction
+-- that held both (an acquire, a release that handed the key over) lets go of
+-- them one after the other as it ends, so the acquirer that waited for the
+-- queue lock can run while the key lock is still taken, by nobody who holds
+-- the key. Measured before this (8 clients taking turns on one key): one
+-- acquire in seven was told the key was busy, and one handoff in twenty
+-- became a poke, each costing the waiter a wide LISTEN and more statements.
+-- Only the advisory path holds a key lock for longer; a table acquirer of a
+-- key held there now spends up to 1 ms more before it is told busy.
+-- +goose StatementBegin
+CREATE FUNCTION key_lock_again(p_hash bigint, p_shared boolean) RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    FOR i IN 1..4 LOOP
+        PERFORM pg_sleep(0.0001 * i);
+        IF p_shared THEN
+            IF pg_try_advisory_xact_lock_shared(p_hash) THEN
+                RETURN true;
+            END IF;
+        ELSIF pg_try_advisory_xact_lock(p_hash) THEN
+            RETURN true;
+        END IF;
+    END LOOP;
+    RETURN false;
+END
+$$;
+-- +goose StatementEnd
+REVOKE EXECUTE ON FUNCTION key_lock_again(bigint, boolean) FROM PUBLIC;
+
 -- serve, as in version 7, its settings changed by assignment.
 -- +goose StatementBegin
 CREATE OR REPLACE FUNCTION serve(p_name text, p_id text, p_try boolean) RETURNS integer
@@ -126,7 +157,8 @@ BEGIN
             -- The key lock, as grant_keys takes it: an advisory-path holder
             -- keeps it.
             IF NOT (CASE WHEN r.kind = 's' THEN pg_try_advisory_xact_lock_shared(hash)
-                         ELSE pg_try_advisory_xact_lock(hash) END) THEN
+                         ELSE pg_try_advisory_xact_lock(hash) END)
+               AND NOT key_lock_again(hash, r.kind = 's') THEN
                 PERFORM poke(p_name, p_id);
                 EXIT;
             END IF;
@@ -470,7 +502,8 @@ BEGIN
             v := pg_advisory_xact_lock(1885826161, hashint8(hashes[i]))::text;
         END IF;
         IF NOT (CASE WHEN p_kinds[k] = 's' THEN pg_try_advisory_xact_lock_shared(hashes[i])
-                     ELSE pg_try_advisory_xact_lock(hashes[i]) END) THEN
+                     ELSE pg_try_advisory_xact_lock(hashes[i]) END)
+           AND NOT key_lock_again(hashes[i], p_kinds[k] = 's') THEN
             -- Table acquirers take the queue lock first, and we have it: so
             -- the advisory path holds the key. Busy; a waiter for one key
             -- takes its place in the queue meanwhile (under the queue lock,
@@ -1533,6 +1566,7 @@ $$;
 -- +goose StatementEnd
 
 DROP FUNCTION announce(text[]);
+DROP FUNCTION key_lock_again(bigint, boolean);
 
 -- +goose StatementBegin
 DO $$
