@@ -981,3 +981,52 @@ func BenchmarkIdleListeners(b *testing.B) {
 	b.ReportMetric(one, "idle1_us")
 	b.ReportMetric(many/one, "x_idle1")
 }
+
+// BenchmarkSchemaPrevious: the same clients on the latest schema and on the
+// one before it (migrated up, then down once), in one run: what the latest
+// migration changed. Uncontended Acquire+Release of each, interleaved; then
+// one key taken in turns by 8 clients, hold 0, b.N acquisitions on the
+// latest between two runs of b.N/2 on the previous.
+//
+//	go test -run '^$' -bench SchemaPrevious -benchtime 3000x ./lease/
+func BenchmarkSchemaPrevious(b *testing.B) {
+	cl := pgtest.Owned(b, pgtest.Options{})
+	cur, prev := newBenchOn(b, cl), newBenchOn(b, cl)
+	version := func(e *bench) int {
+		var v int
+		if err := e.db.Pool.QueryRow(e.ctx, `SELECT version FROM `+e.table("schema_info")+`()`).Scan(&v); err != nil {
+			b.Fatal(err)
+		}
+		return v
+	}
+	latest := version(cur)
+	pgtest.DownTo(b, prev.db.Pool, prev.db.Schema, int64(latest-1))
+	if latest-1 < lease.SchemaVersion {
+		b.Fatalf("the client needs schema version %d: it cannot run on %d", lease.SchemaVersion, latest-1)
+	}
+	k := lease.Key{Name: "bench", ID: "1"}
+	curPair := cur.acquireRelease(cur.client(lease.Config{}, 4, nil).Acquire, k)
+	prevPair := prev.acquireRelease(prev.client(lease.Config{}, 4, nil).Acquire, k)
+	t := interleaved(b, 50, curPair, prevPair)
+	b.ReportMetric(float64(t[0])/float64(b.N), "ns/op")
+	b.ReportMetric(us(t[0], b.N), "latest_us")
+	b.ReportMetric(us(t[1], b.N), "previous_us")
+	b.ReportMetric(float64(t[0])/float64(t[1]), "x_previous")
+
+	clients := func(e *bench) []*lease.Client {
+		cs := make([]*lease.Client, 8)
+		for i := range cs {
+			cs[i] = e.client(lease.Config{}, 2, nil)
+		}
+		oneKeyPglease(e, cs, 0, 200) // register holders, start listeners, fill pools
+		return cs
+	}
+	curClients, prevClients := clients(cur), clients(prev)
+	p1, _ := oneKeyPglease(prev, prevClients, 0, max(b.N/2, 2))
+	c, _ := oneKeyPglease(cur, curClients, 0, max(b.N, 2))
+	p2, _ := oneKeyPglease(prev, prevClients, 0, max(b.N/2, 2))
+	b.ReportMetric(c.perSec, "latest_handoffs/s")
+	b.ReportMetric((p1.perSec+p2.perSec)/2, "previous_handoffs/s")
+	b.ReportMetric(c.perSec/((p1.perSec+p2.perSec)/2), "x_previous_handoffs")
+	b.ReportMetric(float64(latest), "latest_version")
+}

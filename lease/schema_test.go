@@ -66,22 +66,10 @@ func TestCheckSchema(t *testing.T) {
 		{
 			name: "one version older",
 			prepare: func(t *testing.T, schema string) {
-				// Down from the latest migration to the version before this
-				// client's (the latest may be newer than the client needs).
+				// Down to the version before this client's (the latest
+				// migration may be newer than the client needs).
 				pgtest.Migrate(t, c, schema)
-				info := pgx.Identifier{schema, "schema_info"}.Sanitize()
-				for {
-					var have int
-					if err := pool.QueryRow(ctx, `SELECT version FROM `+info+`()`).Scan(&have); err != nil {
-						t.Fatal(err)
-					}
-					if have < v {
-						break
-					}
-					if _, err := migrations.Down(ctx, pool, schema); err != nil {
-						t.Fatal(err)
-					}
-				}
+				pgtest.DownTo(t, pool, schema, int64(v-1))
 			},
 			want: ErrSchemaNotMigrated, exists: true, have: v - 1, from: 3,
 			says: []string{fmt.Sprintf("at version %d", v-1), needs, upHint},

@@ -45,6 +45,7 @@ var runs = []run{
 	{"^BenchmarkSet10$", "300x"},
 	{"^BenchmarkReadersWriter$", "3000x"},
 	{"^BenchmarkSemaphore8Clients$", "2000x"},
+	{"^BenchmarkSchemaPrevious$", "3000x"},
 }
 
 // row is one line of the table: a figure of a benchmark, its baseline (a
@@ -123,6 +124,9 @@ var rows = []row{
 	{"ReadersWriter/hold=2ms", "… writer's wait p99, ms", "write_wait_p99_ms", "advisory shared + exclusive, 9 conns", "adv_write_wait_p99_ms", "", nil},
 	{"ReadersWriter/hold=2ms", "… smallest reader share / mean", "min_read_share", "", "", "≥ 0.5", atLeast(0.5)},
 	{"ReadersWriter/hold=2ms", "… reads measured (phases end after 20 s)", "count", "", "", "", nil},
+	{"SchemaPrevious", "latest schema: Acquire+Release, µs", "latest_us", "the same on the schema before it", "previous_us", "", nil},
+	{"SchemaPrevious", "latest schema: 1 key, 8 clients, hold 0: handoffs/s", "latest_handoffs/s", "the same on the schema before it", "previous_handoffs/s", "", nil},
+	{"SchemaPrevious", "… latest schema version", "latest_version", "", "", "", nil},
 	{"Semaphore8Clients/hold=0s", "semaphore of 4, 8 clients, hold 0: acquisitions/s", "acq/s", "exclusive key, same clients", "excl_acq/s", "", nil},
 	{"Semaphore8Clients/hold=0s", "… acquisitions/s", "acq/s", "advisory lock, 8 conns", "adv_acq/s", "", nil},
 	{"Semaphore8Clients/hold=0s", "… smallest client share / mean", "min_share", "exclusive key, same clients", "excl_min_share", "≥ 0.5", atLeast(0.5)},
