@@ -40,11 +40,11 @@ func TestCancelledAcquireThatCommitsLateIsDeleted(t *testing.T) {
 	holder := warm.HolderID()
 	k := lease.Key{Name: "slow", ID: "1"}
 
-	// The insert of k waits for the test's advisory lock (7, 7), and keeps
+	// The insert of k waits for the test's advisory lock (7, 17), and keeps
 	// waiting through the cancel requests that pgx sends when it gives up on
 	// the connection (one or two, seen here), like cancels that never
 	// arrived. They come asynchronously, on connections of their own: the
-	// handler takes the session lock (7, 8) to say one has come and gone, and
+	// handler takes the session lock (7, 18) to say one has come and gone, and
 	// the test opens the gate only then (a cancel that landed after the gate
 	// would abort the insert instead). The insert logs itself in slow_log, in its own
 	// transaction: the log row stays when the client deletes the lock row,
@@ -55,10 +55,10 @@ func TestCancelledAcquireThatCommitsLateIsDeleted(t *testing.T) {
 			IF NEW.name = 'slow' THEN
 				LOOP
 					BEGIN
-						PERFORM pg_advisory_xact_lock(7, 7);
+						PERFORM pg_advisory_xact_lock(7, 17);
 						EXIT;
 					EXCEPTION WHEN query_canceled THEN
-						PERFORM pg_advisory_lock(7, 8);
+						PERFORM pg_advisory_lock(7, 18);
 					END;
 				END LOOP;
 				INSERT INTO ` + e.table("slow_log") + ` VALUES (NEW.token);
@@ -72,7 +72,7 @@ func TestCancelledAcquireThatCommitsLateIsDeleted(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer func() { _ = gate.Rollback(context.Background()) }()
-	if _, err := gate.Exec(e.ctx, "SELECT pg_advisory_xact_lock(7, 7)"); err != nil {
+	if _, err := gate.Exec(e.ctx, "SELECT pg_advisory_xact_lock(7, 17)"); err != nil {
 		t.Fatal(err)
 	}
 
@@ -83,7 +83,7 @@ func TestCancelledAcquireThatCommitsLateIsDeleted(t *testing.T) {
 		done <- err
 	}()
 	eventually(t, 10*time.Second, "the insert to wait in the trigger", func() bool {
-		return e.count("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = 7 AND objid = 7 AND NOT granted") == 1
+		return e.count("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = 7 AND objid = 17 AND NOT granted") == 1
 	})
 	cancel()
 	if err := <-done; !errors.Is(err, context.Canceled) {
@@ -94,7 +94,7 @@ func TestCancelledAcquireThatCommitsLateIsDeleted(t *testing.T) {
 	// out (ReleaseTimeout) and is tried again after each renewal, until the
 	// late insert has committed and there is a row to delete.
 	eventually(t, 30*time.Second, "the cancel request to reach the insert", func() bool {
-		return e.count("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = 7 AND objid = 8 AND granted") == 1
+		return e.count("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = 7 AND objid = 18 AND granted") == 1
 	})
 	if err := gate.Commit(e.ctx); err != nil { // the insert goes on and commits
 		t.Fatal(err)

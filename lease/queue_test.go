@@ -131,6 +131,9 @@ func (q trio) queue(t *testing.T, e *env, k lease.Key, bctx context.Context, wha
 // insert waits for the advisory lock (7, 7) that the gate's transaction
 // holds, and keeps waiting through the cancel requests pgx may send when it
 // gives up on the connection (the handler takes (7, 8) to say one came).
+// (TestCancelledAcquireThatCommitsLateIsDeleted, which may run beside it in
+// the same database, uses (7, 17) and (7, 18): a wait of its own on the
+// gate's key would count as one of these.)
 // Each insert that went through is logged in a table of its own, which
 // nobody else deletes from.
 type insertGate struct {

@@ -9,9 +9,6 @@
 -- - pglease.quiet, which keeps the delete triggers from serving a queue that
 --   grant_keys serves itself, is set only before grant_keys' first delete; an
 --   acquire that deletes nothing changes no setting.
--- - token_guard is read once per session, by the session setting that
---   guard_tokens leaves (as the advisory path already did), not once per
---   grant.
 -- - A caller already queued is not queued again (an INSERT that conflicted,
 --   and a SELECT of the row it knew), and a shared grant or a permit looks
 --   for waiters behind it only when its scan of the queue saw some.
@@ -31,6 +28,11 @@
 --   microseconds a call it saves.
 -- - release still turns synchronous_commit off for its transaction: that
 --   setting is what saves the release's WAL flush.
+-- - A grant still reads token_guard (one query): the session setting that
+--   guard_tokens leaves, which the advisory path's advisory_acquire trusts,
+--   is the caller's to set, and these functions run with the owner's rights
+--   (see version 5): a caller that skipped the guard after a crash could
+--   draw a token that was handed out before it.
 -- - The key's hash is computed here, not passed in by the client: the
 --   queue lock and the key lock are taken on it, so a hash the server did
 --   not check would let one caller's wrong hash break another's exclusion,
@@ -162,8 +164,8 @@ BEGIN
                 PERFORM poke(p_name, p_id);
                 EXIT;
             END IF;
-            IF current_setting('pglease.guard_' || md5(current_schema()), true) IS DISTINCT FROM 'on' THEN
-                PERFORM guard_tokens(); -- once per session (see version 1)
+            IF NOT EXISTS (SELECT FROM token_guard) THEN
+                PERFORM guard_tokens();
             END IF;
             -- A grant must be durable, whatever the releaser chose.
             v := set_config('synchronous_commit', 'on', true);
@@ -608,8 +610,8 @@ BEGIN
             END IF;
             DELETE FROM locks l WHERE l.name = nm AND l.entity_id = ident AND l.token = adopt;
             DELETE FROM waiters w WHERE w.name = nm AND w.entity_id = ident AND w.holder_id = p_holder;
-            IF current_setting('pglease.guard_' || md5(current_schema()), true) IS DISTINCT FROM 'on' THEN
-                PERFORM guard_tokens(); -- once per session (see version 1)
+            IF NOT EXISTS (SELECT FROM token_guard) THEN
+                PERFORM guard_tokens();
             END IF;
             t := nextval('token_seq');
             s := CASE WHEN kd = 's' THEN t ELSE adopt_s END;
@@ -742,8 +744,8 @@ BEGIN
 
     -- Every key fits: grant them all, in key_hash order, and leave the
     -- queues (quietly: a waiter turned holder frees nobody).
-    IF current_setting('pglease.guard_' || md5(current_schema()), true) IS DISTINCT FROM 'on' THEN
-        PERFORM guard_tokens(); -- once per session (see version 1)
+    IF NOT EXISTS (SELECT FROM token_guard) THEN
+        PERFORM guard_tokens();
     END IF;
     IF had_mine THEN
         IF NOT quiet THEN
