@@ -347,6 +347,11 @@ func (c *Client) acquireSetObserved(ctx context.Context, members, sorted []SetMe
 				}
 				continue
 			}
+			if c.expiredLocked(h) { // see expiredLocked
+				c.mu.Unlock()
+				c.loseHolder(h, LossRenewalTimeout) // its clean-up deletes the grants
+				continue
+			}
 			byKey := make(map[Key]*Lock, len(keys))
 			for i, sl := range slots {
 				req := request{kind: sl.m.kind(), permits: 1}

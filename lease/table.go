@@ -52,6 +52,11 @@ func (m tableMode) attempt(ctx context.Context, key Key, ks *keyState, req reque
 			// The database handed us the key: the grant is committed.
 			ks.leftQueueLocked()
 			ks.poked = false
+			if c.expiredLocked(h) {
+				c.mu.Unlock()
+				c.loseHolder(h, LossRenewalTimeout) // its clean-up deletes the grant
+				return nil, nil, errRetry
+			}
 			l := c.holdTableLocked(h, ks, key, req, hd.Token, hd.Slot, hd.AcquiredAt)
 			c.mu.Unlock()
 			return l, nil, nil
@@ -104,9 +109,26 @@ func (m tableMode) attempt(ctx context.Context, key Key, ks *keyState, req reque
 		}
 		return nil, nil, errRetry
 	}
+	if c.expiredLocked(h) {
+		c.mu.Unlock()
+		c.loseHolder(h, LossRenewalTimeout) // its clean-up deletes the grant
+		return nil, nil, errRetry
+	}
 	l := c.holdTableLocked(h, ks, key, req, g.tokens[0], g.slots[0], g.at)
 	c.mu.Unlock()
 	return l, nil, nil
+}
+
+// expiredLocked reports whether h's lease may have run out on the server by
+// now (c.mu held): its deadline, the start of its last good renewal plus the
+// TTL less the safety margin, has passed. A grant that arrives then is not
+// the caller's to use, though the database made it: the process may have
+// been stopped (SIGSTOP, a long GC pause, a frozen VM) between the grant and
+// now, long enough for another holder to take the key over. The heartbeat,
+// stopped as long, would give the holder up at its next tick; the acquire
+// must not hand out the lock in between.
+func (c *Client) expiredLocked(h *holder) bool {
+	return !time.Now().Before(h.deadline)
 }
 
 // holdTableLocked makes the Lock of a table grant and records it as held,
