@@ -52,9 +52,37 @@ func (s *stallTracer) TraceQueryEnd(ctx context.Context, _ *pgx.Conn, _ pgx.Trac
 // A process stopped after the database granted its acquire, and woken after
 // its lease ran out and another holder took the key over, must not be handed
 // the lock: the acquire gives the holder up and asks again, under a new
-// holder, behind the one that holds the key now.
+// holder, behind the one that holds the key now. For one key and for a key
+// set.
 func TestAcquireStalledPastItsLeaseIsNotHandedOut(t *testing.T) {
 	t.Parallel()
+	k := lease.Key{Name: "stalled", ID: "1"}
+	t.Run("key", func(t *testing.T) {
+		t.Parallel()
+		stalledAcquire(t, k, func(ctx context.Context, c *lease.Client) (int64, func(context.Context) error, error) {
+			l, err := c.Acquire(ctx, k)
+			if err != nil {
+				return 0, nil, err
+			}
+			return l.Token(), l.Release, nil
+		})
+	})
+	t.Run("set", func(t *testing.T) {
+		t.Parallel()
+		members := []lease.SetMember{{Key: k}, {Key: lease.Key{Name: "stalled", ID: "2"}}}
+		stalledAcquire(t, k, func(ctx context.Context, c *lease.Client) (int64, func(context.Context) error, error) {
+			s, err := c.AcquireSet(ctx, members)
+			if err != nil {
+				return 0, nil, err
+			}
+			return s.Lock(k).Token(), s.Release, nil
+		})
+	})
+}
+
+// stalledAcquire runs the test above for acquire, which takes k (and maybe
+// more) for a client and returns k's token and how to release.
+func stalledAcquire(t *testing.T, k lease.Key, acquire func(context.Context, *lease.Client) (int64, func(context.Context) error, error)) {
 	e := newEnv(t)
 	tr := &stallTracer{acquireHeld: make(chan struct{}, 4), letGo: make(chan struct{})}
 	pool := pgtest.NewPool(t, e.db.Cluster, fmt.Sprintf("%s-stalled", e.db.Schema), func(c *pgxpool.Config) {
@@ -69,7 +97,6 @@ func TestAcquireStalledPastItsLeaseIsNotHandedOut(t *testing.T) {
 	letGo := func() { tr.once.Do(func() { close(tr.letGo) }) }
 	t.Cleanup(letGo)
 	b, _, _ := e.client(lease.Config{})
-	k := lease.Key{Name: "stalled", ID: "1"}
 
 	warm, err := a.Acquire(e.ctx, lease.Key{Name: "stalled", ID: "warm"}) // registers a's holder
 	if err != nil {
@@ -80,8 +107,19 @@ func TestAcquireStalledPastItsLeaseIsNotHandedOut(t *testing.T) {
 	}
 	first, _ := a.HolderID()
 
+	type result struct {
+		token   int64
+		release func(context.Context) error
+	}
+	got := make(chan result, 1)
 	tr.stalling.Store(true)
-	got := acquireInBackground(t, e.ctx, a, k)
+	go func() {
+		token, release, err := acquire(e.ctx, a)
+		if err != nil {
+			t.Errorf("a's acquire: %v", err)
+		}
+		got <- result{token, release}
+	}()
 	<-tr.acquireHeld // granted, and the client has not heard
 	eventually(t, 10*time.Second, "a's lease to run out on the server", func() bool {
 		return e.count("SELECT count(*) FROM "+e.table("holders")+" WHERE id = $1 AND expires_at < clock_timestamp()", first) == 1
@@ -97,9 +135,9 @@ func TestAcquireStalledPastItsLeaseIsNotHandedOut(t *testing.T) {
 	deadline := time.Now().Add(30 * time.Second)
 	for e.count("SELECT count(*) FROM "+e.table("waiters")+" WHERE name = $1 AND entity_id = $2", k.Name, k.ID) != 1 {
 		select {
-		case la := <-got:
-			if la != nil {
-				t.Fatalf("a's Acquire returned token %d, granted before its lease ran out, while b holds the key with token %d", la.Token(), lb.Token())
+		case r := <-got:
+			if r.release != nil {
+				t.Fatalf("a's acquire returned token %d, granted before its lease ran out, while b holds the key with token %d", r.token, lb.Token())
 			}
 			t.FailNow()
 		case <-time.After(5 * time.Millisecond):
@@ -114,14 +152,14 @@ func TestAcquireStalledPastItsLeaseIsNotHandedOut(t *testing.T) {
 	if err := lb.Release(e.ctx); err != nil {
 		t.Fatal(err)
 	}
-	la := <-got
-	if la == nil {
+	r := <-got
+	if r.release == nil {
 		t.FailNow()
 	}
-	if la.Token() <= lb.Token() {
-		t.Errorf("a got token %d after b's %d", la.Token(), lb.Token())
+	if r.token <= lb.Token() {
+		t.Errorf("a got token %d after b's %d", r.token, lb.Token())
 	}
-	if err := la.Release(e.ctx); err != nil {
+	if err := r.release(e.ctx); err != nil {
 		t.Fatal(err)
 	}
 }
