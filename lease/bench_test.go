@@ -526,12 +526,15 @@ func notifyRing(e *bench, n int, hold time.Duration, limit int) float64 {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
+			fail := func(err error) { // an error after the end is the end's
+				if ctx.Err() == nil {
+					e.b.Errorf("ring: %v", err)
+					cancel()
+				}
+			}
 			for {
 				if _, err := conn.WaitForNotification(ctx); err != nil {
-					if ctx.Err() == nil {
-						e.b.Errorf("ring: %v", err)
-						cancel()
-					}
+					fail(err)
 					return
 				}
 				if got.Add(1) >= int64(limit) {
@@ -542,10 +545,7 @@ func notifyRing(e *bench, n int, hold time.Duration, limit int) float64 {
 					time.Sleep(hold)
 				}
 				if _, err := conn.Exec(ctx, fmt.Sprintf("NOTIFY ring_%d", (i+1)%n)); err != nil {
-					if ctx.Err() == nil {
-						e.b.Errorf("ring: %v", err)
-						cancel()
-					}
+					fail(err)
 					return
 				}
 			}
