@@ -252,7 +252,7 @@ func (e *bench) sqlAcquireRelease() func() {
 		secret).Scan(&holder); err != nil {
 		e.b.Fatal(err)
 	}
-	acquire := `SELECT acquired, tokens FROM ` + s + `.acquire_keys('{sql}', '{1}', '{x}', 1, $1, $2, true, '{}', false)`
+	acquire := `SELECT acquired, tokens FROM ` + s + `.acquire_keys('{sql}', '{1}', '{x}', 1, $1, $2, true, '{}', false, 0)`
 	release := `SELECT ` + s + `.release('sql', '1', $1, $2, $3)`
 	return func() {
 		var ok bool

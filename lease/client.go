@@ -46,6 +46,7 @@ type Client struct {
 	h             *holder       // the live holder; nil when none
 	hInit         chan struct{} // non-nil while a holder is being registered
 	schemaChecked bool          // the schema passed checkSchema once
+	schemaHave    int           // the version it had then (see grant)
 	keys          map[string]*keyState
 	wg            sync.WaitGroup // heartbeats and clean-ups
 

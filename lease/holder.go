@@ -28,6 +28,10 @@ type holder struct {
 	lost     bool            // given up: never used again
 	ctx      context.Context // cancelled when lost: ends the heartbeat and its query
 	stop     context.CancelFunc
+	// seen is the largest token of a lock this client has made for the
+	// holder: a grant of the holder's it did not know of with a larger
+	// token was never one of its locks (see grant).
+	seen int64
 }
 
 // ensureHolder returns the live holder, registering one if needed. The first
@@ -62,8 +66,9 @@ func (c *Client) ensureHolder(ctx context.Context) (*holder, error) {
 	c.mu.Unlock()
 
 	var err error
+	have := 0
 	if !checked {
-		if err = checkSchema(ctx, c.pool, c.cfg.Schema); err == nil {
+		if have, err = schemaVersion(ctx, c.pool, c.cfg.Schema); err == nil {
 			err = c.checkReplication(ctx) // replication.go
 		}
 	}
@@ -88,7 +93,9 @@ func (c *Client) ensureHolder(ctx context.Context) (*holder, error) {
 		}
 		return nil, err
 	}
-	c.schemaChecked = true
+	if !c.schemaChecked {
+		c.schemaChecked, c.schemaHave = true, have
+	}
 	if c.closed {
 		c.startCleanupLocked(id, secret, "client closed while registering")
 		return nil, ErrClosed

@@ -12,15 +12,17 @@ type queries struct {
 	register string
 	acquire  string
 	// acquireKeys is every table-path acquire (schema version 7: with
-	// handoffs).
-	acquireKeys string
-	leave       string
-	release     string
-	renew       string
-	verify      string
-	dropHolder  string
-	fence       string
-	leader      string // who holds a key, for elections
+	// handoffs); acquireKeysSeen is the same where the schema has version 9,
+	// which is told the largest token the holder has had.
+	acquireKeys     string
+	acquireKeysSeen string
+	leave           string
+	release         string
+	renew           string
+	verify          string
+	dropHolder      string
+	fence           string
+	leader          string // who holds a key, for elections
 	// markListening registers a LISTEN connection as a listener, so that
 	// releases announce themselves to it on channel(); unmarkListening
 	// undoes it.
@@ -39,6 +41,10 @@ func newQueries(schema string) queries {
 			holder_id, host, pid, application, held_since,
 			(extract(epoch FROM expires_in) * 1000000)::bigint, waiter
 			FROM ` + s + `.acquire_keys($1, $2, $3::text[]::"char"[], $4, $5, $6, $7, $8, $9)`,
+		acquireKeysSeen: `SELECT acquired, tokens, slots, acquired_at, busy, queued, blocked,
+			holder_id, host, pid, application, held_since,
+			(extract(epoch FROM expires_in) * 1000000)::bigint, waiter
+			FROM ` + s + `.acquire_keys($1, $2, $3::text[]::"char"[], $4, $5, $6, $7, $8, $9, $10)`,
 		leave:      `SELECT ` + s + `.leave($1, $2, $3, $4, $5)`,
 		release:    `SELECT ` + s + `.release($1, $2, $3, $4, $5)`,
 		renew:      `SELECT alive, locks, tokens_xor FROM ` + s + `.renew($1, $2)`,

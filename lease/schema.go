@@ -77,11 +77,17 @@ func (e *SchemaError) Unwrap() error { return e.Err }
 // when the schema is at version 3 or later; one more to name the version of
 // an older schema.
 func checkSchema(ctx context.Context, pool *pgxpool.Pool, schema string) error {
+	_, err := schemaVersion(ctx, pool, schema)
+	return err
+}
+
+// schemaVersion is checkSchema, and returns the version the schema has.
+func schemaVersion(ctx context.Context, pool *pgxpool.Pool, schema string) (int, error) {
 	in, err := schemaver.Read(ctx, func(ctx context.Context, sql string, dest ...any) error {
 		return pool.QueryRow(ctx, sql).Scan(dest...)
 	}, schema)
 	if err != nil {
-		return fmt.Errorf("lease: check schema %s: %w", pgx.Identifier{schema}.Sanitize(), err)
+		return 0, fmt.Errorf("lease: check schema %s: %w", pgx.Identifier{schema}.Sanitize(), err)
 	}
 	e := &SchemaError{Schema: schema, Exists: in.Exists, Have: in.Have, CompatibleFrom: in.CompatibleFrom, Need: SchemaVersion}
 	switch in.Check(SchemaVersion) {
@@ -90,7 +96,7 @@ func checkSchema(ctx context.Context, pool *pgxpool.Pool, schema string) error {
 	case schemaver.Incompatible:
 		e.Err = ErrSchemaIncompatible
 	default:
-		return nil
+		return in.Have, nil
 	}
-	return e
+	return 0, e
 }

@@ -135,6 +135,7 @@ func (c *Client) expiredLocked(h *holder) bool {
 // by h and on the key (c.mu held).
 func (c *Client) holdTableLocked(h *holder, ks *keyState, key Key, req request, token, slot int64, at time.Time) *Lock {
 	h.seq++
+	h.seen = max(h.seen, token)
 	tl := &tableLock{h: h, seq: h.seq}
 	l := newLock(c, tl, key, req, token, slot, at)
 	h.locks[l.token] = l
@@ -195,7 +196,19 @@ func (c *Client) grant(ctx context.Context, h *holder, keys []Key, kinds []Kind,
 	var g grantResult
 	var at *time.Time
 	var blocked *int32
-	err := c.pool.QueryRow(ctx, c.q.acquireKeys, names, ids, codes, permits, h.id, h.secret, wait, keep, fresh).Scan(
+	// Version 9 hands a grant of the holder's that this client did not
+	// know of back with its own token when that token is above every one
+	// this client has had for the holder (a handoff made while this
+	// statement waited for the key); older versions give it a new token.
+	// This client's acquirers of a key take turns, so no lock of the key can
+	// be made between this read and the statement's.
+	sql, args := c.q.acquireKeys, []any{names, ids, codes, permits, h.id, h.secret, wait, keep, fresh}
+	c.mu.Lock()
+	if c.schemaHave >= 9 {
+		sql, args = c.q.acquireKeysSeen, append(args, h.seen)
+	}
+	c.mu.Unlock()
+	err := c.pool.QueryRow(ctx, sql, args...).Scan(
 		&g.acquired, &g.tokens, &g.slots, &at, &g.busy, &g.queued, &blocked,
 		&g.holderID, &g.host, &g.pid, &g.app, &g.heldSince, &g.expiresInMicroseconds, &g.waiter)
 	c.attempts.Add(1) // after the reply: a test that sees the count sees no statement in flight
@@ -205,6 +218,13 @@ func (c *Client) grant(ctx context.Context, h *holder, keys []Key, kinds []Kind,
 			case SQLStateHolderExpired:
 				c.loseHolder(h, LossHolderExpired)
 				return nil, errRetry
+			case "42883": // undefined_function: the schema went back below version 9
+				if sql == c.q.acquireKeysSeen {
+					c.mu.Lock()
+					c.schemaHave = 8
+					c.mu.Unlock()
+					return nil, errRetry
+				}
 			case SQLStateKindConflict:
 				e := &KindConflictError{Asked: kinds[0], Detail: strings.TrimPrefix(pgErr.Message, "pglease: ")}
 				if len(keys) == 1 {

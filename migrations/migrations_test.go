@@ -185,6 +185,7 @@ var released = map[string]string{
 	"00006_kinds.sql":    "ac6cbe0c2a2445b10d3f2d9dc34601da13994c968419dd50d36250bdabefc75c",
 	"00007_handoff.sql":  "906791de5b7a50db5618a000a57496f546bb2522956c8dd132831f3ada939731",
 	"00008_hotpath.sql":  "bd327c0858497f22f6f08143e7c450ca1f878e7527719e742c586d6fd5e372c0",
+	"00009_adopt.sql":    "7b773d76a660f23e4c919bb4b8a795eba479ab8edfaadc72f3df878fd5ccd885",
 }
 
 func TestReleasedMigrationsUnchanged(t *testing.T) {
