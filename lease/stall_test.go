@@ -22,6 +22,7 @@ import (
 // before it is sent, until let go.
 type stallTracer struct {
 	stalling    atomic.Bool
+	renewOnly   bool          // hold up the renewals alone
 	acquireHeld chan struct{} // gets one value per acquire held up
 	letGo       chan struct{} // closed to let everything held go on
 	once        sync.Once
@@ -36,7 +37,7 @@ func (s *stallTracer) TraceQueryStart(ctx context.Context, _ *pgx.Conn, d pgx.Tr
 	if strings.Contains(d.SQL, ".renew(") {
 		<-s.letGo
 	}
-	if strings.Contains(d.SQL, ".acquire_keys(") {
+	if strings.Contains(d.SQL, ".acquire_keys(") && !s.renewOnly {
 		return context.WithValue(ctx, stallAcquireKey{}, true)
 	}
 	return ctx
@@ -162,4 +163,72 @@ func stalledAcquire(t *testing.T, k lease.Key, acquire func(context.Context, *le
 	if err := r.release(e.ctx); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// A waiter stopped while the key was handed to it, and woken after its
+// lease ran out on the server, must not take the handoff: the grant is a
+// dead holder's, free for anyone to take over. (Here the handing
+// transaction commits only after the lease ran out, so that the
+// notification arrives then; the renewals are held up meanwhile, as in a
+// stopped process.) The acquire gives the holder up and takes the key
+// under a new one, with a new token.
+func TestHandoffStalledPastItsLeaseIsNotHandedOut(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	e.logQueuesOnFailure()
+	tr := &stallTracer{renewOnly: true, letGo: make(chan struct{})}
+	pool := pgtest.NewPool(t, e.db.Cluster, fmt.Sprintf("%s-stalled", e.db.Schema), func(c *pgxpool.Config) {
+		c.MaxConns = 4
+		c.ConnConfig.Tracer = tr
+	})
+	a, err := lease.New(pool, &lease.Config{Schema: e.db.Schema, TTL: time.Second, PollInterval: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = a.Close(context.Background()) })
+	letGo := func() { tr.once.Do(func() { close(tr.letGo) }) }
+	t.Cleanup(letGo)
+	h, _, _ := e.client(slowTimers)
+	k := lease.Key{Name: "stalled-handoff", ID: "1"}
+	mustAcquire(t, e.ctx, h, k)
+	gotA := goAcquire(e.ctx, a, k)
+	eventually(t, waitLimit, "a queued and listening", func() bool {
+		return e.waiterRows() == 1 && lease.Listening(a)
+	})
+	first := holderOf(t, a)
+
+	tr.stalling.Store(true)
+	tx, err := e.db.Pool.Begin(e.ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = tx.Rollback(context.Background()) }()
+	if _, err := tx.Exec(e.ctx, "DELETE FROM "+e.table("locks")+" WHERE name = $1 AND entity_id = $2", k.Name, k.ID); err != nil {
+		t.Fatal(err)
+	}
+	var handed, to int64
+	if err := tx.QueryRow(e.ctx, "SELECT token, holder_id FROM "+e.table("locks")+" WHERE name = $1 AND entity_id = $2",
+		k.Name, k.ID).Scan(&handed, &to); err != nil {
+		t.Fatalf("the grant the delete made: %v", err)
+	}
+	if to != first {
+		t.Fatalf("the delete handed the key to holder %d, want a's, %d", to, first)
+	}
+	eventually(t, 10*time.Second, "a's lease to run out on the server", func() bool {
+		return e.count("SELECT count(*) FROM "+e.table("holders")+" WHERE id = $1 AND expires_at < clock_timestamp()", first) == 1
+	})
+	if err := tx.Commit(e.ctx); err != nil {
+		t.Fatal(err)
+	}
+	r := await(t, gotA, "a")
+	tr.stalling.Store(false)
+	letGo()
+	if r.err != nil {
+		t.Fatal(r.err)
+	}
+	if r.l.HolderID() == first || r.l.Token() <= handed {
+		t.Errorf("a holds token %d as holder %d; want a new holder and a token above %d, the one handed to its dead holder %d",
+			r.l.Token(), r.l.HolderID(), handed, first)
+	}
+	mustRelease(t, e.ctx, r.l)
 }
