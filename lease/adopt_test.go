@@ -36,6 +36,21 @@ func (e *env) awaitQueueLockWaiter(app, what string) {
 	})
 }
 
+// deleteAndReadHandoff deletes the grants of k in tx, as a takeover or a
+// DBA does, and returns the token and holder of the grant that the delete's
+// trigger made for the head of the queue, read in the same transaction.
+func (e *env) deleteAndReadHandoff(tx pgx.Tx, k lease.Key) (token, holder int64) {
+	e.t.Helper()
+	if _, err := tx.Exec(e.ctx, "DELETE FROM "+e.table("locks")+" WHERE name = $1 AND entity_id = $2", k.Name, k.ID); err != nil {
+		e.t.Fatal(err)
+	}
+	if err := tx.QueryRow(e.ctx, "SELECT token, holder_id FROM "+e.table("locks")+" WHERE name = $1 AND entity_id = $2",
+		k.Name, k.ID).Scan(&token, &holder); err != nil {
+		e.t.Fatalf("the grant the delete made: %v", err)
+	}
+	return token, holder
+}
+
 // The race the scanner example met when its leader stopped: every waiter
 // looks again when the holder's lease runs out, and the one that takes the
 // dead grant over hands the key to the head of the queue while the head's
@@ -70,14 +85,7 @@ func TestHandoffWhileOwnAcquireWaitsKeepsItsToken(t *testing.T) {
 	e.awaitQueueLockWaiter(appB, "b's acquire waiting for the queue lock")
 
 	// The dead grant deleted under the queue lock: the delete serves b.
-	if _, err := tx.Exec(e.ctx, "DELETE FROM "+e.table("locks")+" WHERE name = $1 AND entity_id = $2", k.Name, k.ID); err != nil {
-		t.Fatal(err)
-	}
-	var handed, to int64
-	if err := tx.QueryRow(e.ctx, "SELECT token, holder_id FROM "+e.table("locks")+" WHERE name = $1 AND entity_id = $2",
-		k.Name, k.ID).Scan(&handed, &to); err != nil {
-		t.Fatalf("the grant the delete made: %v", err)
-	}
+	handed, to := e.deleteAndReadHandoff(tx, k)
 	if to != hb || handed <= la.Token() {
 		t.Fatalf("the delete granted token %d to holder %d; want a token above %d for b (%d)", handed, to, la.Token(), hb)
 	}

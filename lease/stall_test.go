@@ -203,14 +203,7 @@ func TestHandoffStalledPastItsLeaseIsNotHandedOut(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer func() { _ = tx.Rollback(context.Background()) }()
-	if _, err := tx.Exec(e.ctx, "DELETE FROM "+e.table("locks")+" WHERE name = $1 AND entity_id = $2", k.Name, k.ID); err != nil {
-		t.Fatal(err)
-	}
-	var handed, to int64
-	if err := tx.QueryRow(e.ctx, "SELECT token, holder_id FROM "+e.table("locks")+" WHERE name = $1 AND entity_id = $2",
-		k.Name, k.ID).Scan(&handed, &to); err != nil {
-		t.Fatalf("the grant the delete made: %v", err)
-	}
+	handed, to := e.deleteAndReadHandoff(tx, k)
 	if to != first {
 		t.Fatalf("the delete handed the key to holder %d, want a's, %d", to, first)
 	}
