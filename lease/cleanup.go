@@ -16,12 +16,24 @@ import "context"
 // the delete fails, it is tried again after each renewal until it succeeds or
 // the holder is lost; one that commits before a late insert is caught by the
 // heartbeat's count (see verify).
+//
+// At most one clean-up of a key waits for its turn: one that has not
+// started reads what to keep when it does, so it deletes whatever a second
+// one would. And a clean-up that failed is retried only once it is over: its
+// statement may wait (for ReleaseTimeout) behind a transaction that holds the
+// key's queue lock, such as the very acquire it cleans up after, whose
+// statement goes on in the server; a retry at every renewal meanwhile would
+// pile up clean-ups, each holding a goroutine and, in turn, a connection.
 func (c *Client) cleanupOrphan(key Key, h *holder) {
 	mk := key.mapKey()
 	c.mu.Lock()
 	if c.closed {
 		c.mu.Unlock()
 		return // Close deletes every row of the holder
+	}
+	if ks := c.keys[mk]; ks != nil && ks.cleanupPendingLocked() {
+		c.mu.Unlock()
+		return
 	}
 	ks, w, _ := c.enqueueLocked(key, mk, Exclusive, true, true) // never refuses a clean-up
 	c.wg.Add(1)
@@ -35,10 +47,10 @@ func (c *Client) cleanupOrphan(key Key, h *holder) {
 			return
 		}
 		c.mu.Lock()
+		w.started = true
+		// Not retried while this one runs; put back if it fails.
+		delete(h.orphans, mk)
 		skip := h.lost // its rows go with the holder
-		if skip {
-			delete(h.orphans, mk)
-		}
 		keep := ks.tableTokensLocked(h, key)
 		c.mu.Unlock()
 		if skip {
@@ -48,6 +60,7 @@ func (c *Client) cleanupOrphan(key Key, h *holder) {
 		defer cancel()
 		_, err := c.pool.Exec(ctx, c.q.leave, key.Name, key.ID, h.id, h.secret, keep)
 		c.mu.Lock()
+		c.cleanups.Add(1) // with c.mu: a test that sees the count sees the orphan recorded
 		if err != nil && !h.lost {
 			// The holder lives on, and so would the orphan: nobody else
 			// could take the key while this client never asks for it again.

@@ -51,6 +51,7 @@ type Client struct {
 	wg            sync.WaitGroup // heartbeats and clean-ups
 
 	attempts atomic.Int64 // acquire statements sent and answered (or failed), for tests and benchmarks
+	cleanups atomic.Int64 // orphan clean-up statements answered (or failed), for tests
 
 	clock serverClock // replication.go
 }

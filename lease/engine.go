@@ -117,6 +117,18 @@ func (ks *keyState) tableTokensLocked(h *holder, key Key) []int64 {
 type waiter struct {
 	turn    chan struct{}
 	cleanup bool // an orphan clean-up, not an acquirer
+	started bool // a clean-up that has had its turn (Client.mu)
+}
+
+// cleanupPendingLocked reports whether an orphan clean-up of the key waits
+// for its turn, not yet started (c.mu held).
+func (ks *keyState) cleanupPendingLocked() bool {
+	for _, w := range ks.queue {
+		if w.cleanup && !w.started {
+			return true
+		}
+	}
+	return false
 }
 
 // wantedLocked reports whether an acquirer of this client queues for the key.

@@ -6,6 +6,9 @@ import "time"
 // when its reply arrives, so a test that reads N knows the Nth was answered.
 func Attempts(c *Client) int64 { return c.attempts.Load() }
 
+// Cleanups returns how many orphan clean-up statements c has finished.
+func Cleanups(c *Client) int64 { return c.cleanups.Load() }
+
 // QueueLen returns how many of c's acquirers of key are queued (the head
 // included).
 func QueueLen(c *Client, key Key) int {

@@ -433,17 +433,23 @@ func TestQueueSkipsDeadWaiter(t *testing.T) {
 }
 
 // An Acquire whose ctx ends while its statement is still running, held up
-// in a trigger on the waiters table after it decided to queue (the reply
-// lost, as when pgx gives up on a connection and the server goes on), gives
-// up and cleans up at once; the waiter row then commits after that clean-up.
-// The row belongs to a live holder that no longer wants the key: it must not
-// keep everyone behind it waiting for as long as that client lives.
+// in a trigger on the waiters table after it decided to queue (the cancel
+// absorbed, as when pgx gives up on a connection and the server goes on),
+// returns at once. Its clean-up waits behind that statement, which holds the
+// key's queue lock, and fails after ReleaseTimeout; it is tried again one at
+// a time, not once more at every renewal. When the statement commits its
+// waiter row, the next try deletes it: a row of a live holder that no longer
+// wants the key must not keep everyone behind it waiting for as long as that
+// client lives.
 func TestQueueLateWaiterRowOfCancelledAcquire(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
 	e.logQueuesOnFailure()
-	// b's heartbeat runs often: whatever it is to find of b's, it finds soon.
-	q := newTrio(t, e, fastHeartbeat)
+	// b's heartbeat runs often, and its clean-ups give up soon: several
+	// renewals come while each clean-up waits.
+	bCfg := fastHeartbeat
+	bCfg.ReleaseTimeout = 300 * time.Millisecond
+	q := newTrio(t, e, bCfg)
 	k := lease.Key{Name: "late-waiter", ID: "1"}
 	gate := e.gateInserts("waiters", "NEW.holder_id = "+strconv.FormatInt(q.hb, 10))
 
@@ -456,8 +462,12 @@ func TestQueueLateWaiterRowOfCancelledAcquire(t *testing.T) {
 	if r := await(t, gotB, "b after its cancel"); !errors.Is(r.err, context.Canceled) {
 		t.Fatalf("b's Acquire = %v, %v; want context.Canceled", r.l, r.err)
 	}
-	eventually(t, waitLimit, "b's clean-up of the key", func() bool { return lease.QueueLen(q.b, k) == 0 })
 	eventually(t, waitLimit, "the cancel request to reach the insert", gate.cancelAbsorbed)
+	const tries = 4
+	eventually(t, waitLimit, "b's clean-up to fail 4 times behind the insert", func() bool { return lease.Cleanups(q.b) >= tries })
+	if n := lease.QueueLen(q.b, k); n > 1 {
+		t.Fatalf("after %d failed clean-ups, b has %d of them queued on the key; want at most the one running", tries, n)
+	}
 	gate.open() // the insert goes on and commits
 	eventually(t, waitLimit, "the late waiter insert to commit", func() bool { return gate.passed() > 0 })
 
@@ -474,4 +484,5 @@ func TestQueueLateWaiterRowOfCancelledAcquire(t *testing.T) {
 		t.Fatalf("c not served 10 s after the release: the queue is %v (b is %d, c %d)", e.queueOf(k), q.hb, q.hc)
 	}
 	eventually(t, waitLimit, "no waiter row left", func() bool { return e.waiterRows() == 0 })
+	eventually(t, waitLimit, "b's clean-ups to end", func() bool { return lease.QueueLen(q.b, k) == 0 })
 }
