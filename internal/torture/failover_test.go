@@ -185,8 +185,9 @@ func faultFailover(ctx context.Context, r *run, fail failoverFunc, minRounds int
 			}
 		}
 		r.mu.Unlock()
-		// Every session to the old primary goes with it.
-		r.dropped(Now(), names...)
+		// Every session to the old primary goes with it, somewhere between
+		// the ask and the end of its last process.
+		asked := Now()
 		fctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 		err := fail(fctx, r, rec)
 		cancel()
@@ -194,6 +195,7 @@ func faultFailover(ctx context.Context, r *run, fail failoverFunc, minRounds int
 			r.violate("failover: %v", err)
 			return
 		}
+		r.dropped(asked, rec.killedT, names...)
 		r.mu.Lock()
 		r.faults++
 		r.mu.Unlock()

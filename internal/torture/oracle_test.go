@@ -168,8 +168,17 @@ func checkTokens(ivs []*interval) []string {
 // stopped until it runs again, so its interval counts up to the pause. An
 // advisory lock lives in its connection: a holder whose connection the suite
 // dropped learns of it within the check interval (notice), so its interval
-// counts up to the drop if it ended within notice of it. The drop times are
-// taken before the suite acts, so they are never later than the real drop.
+// counts up to the drop if it ended within notice of it.
+//
+// The suite knows a drop only to lie between d.from (taken before it acts)
+// and d.to (once it is done): a Patroni switchover shuts the old primary down
+// seconds after it was asked for. And a backend told to terminate may still
+// grant a lock before it exits, so a lock granted up to dropSlack after d.to
+// may be in a dropped connection too; it died at its grant, at the latest.
+// The connection died at some moment t, no earlier than d.from and the
+// grant, no later than d.to (or the late grant), and the holder ended within
+// notice of t. The earliest such t, if there is one, is where the interval is
+// cut: the overlaps excused are those that no t could explain.
 func truncated(iv *interval, pauses, drops []pauseRec, notice time.Duration) int64 {
 	end := iv.end
 	for _, p := range pauses {
@@ -179,11 +188,16 @@ func truncated(iv *interval, pauses, drops []pauseRec, notice time.Duration) int
 	}
 	if iv.adv {
 		for _, d := range drops {
-			// A backend told to terminate may still grant a lock before it
-			// exits: a drop just before the start counts too.
-			from := max(d.from, iv.start)
-			if d.proc == iv.proc && d.from >= iv.start-int64(dropSlack) && from < end && iv.end-from <= int64(notice) {
-				end = from
+			last := max(d.to, d.from)
+			if iv.start > last {
+				if iv.start-last > int64(dropSlack) {
+					continue
+				}
+				last = iv.start
+			}
+			t := max(d.from, iv.start, iv.end-int64(notice))
+			if d.proc == iv.proc && t <= last && t < end {
+				end = t
 			}
 		}
 	}
@@ -212,16 +226,20 @@ func nearestDrop(a *interval, drops []pauseRec) string {
 	if !a.adv {
 		return ""
 	}
-	best := int64(-1)
-	for _, d := range drops {
-		if d.proc == a.proc && (best < 0 || abs(d.from-a.start) < abs(best-a.start)) {
-			best = d.from
+	var best *pauseRec
+	for i, d := range drops {
+		if d.proc == a.proc && (best == nil || abs(d.from-a.start) < abs(best.from-a.start)) {
+			best = &drops[i]
 		}
 	}
-	if best < 0 {
+	if best == nil {
 		return ", advisory"
 	}
-	return fmt.Sprintf(", advisory, its connection dropped at %+v", time.Duration(best-a.start))
+	if best.to > best.from {
+		return fmt.Sprintf(", advisory, its connection dropped between %+v and %+v",
+			time.Duration(best.from-a.start), time.Duration(best.to-a.start))
+	}
+	return fmt.Sprintf(", advisory, its connection dropped at %+v", time.Duration(best.from-a.start))
 }
 
 func abs(x int64) int64 {

@@ -180,7 +180,7 @@ type run struct {
 	waits        []*wait
 	waiting      map[string]*wait // by process
 	pauses       []pauseRec
-	drops        []pauseRec // connections of a process dropped by the suite (from only)
+	drops        []pauseRec // connections of a process dropped by the suite, somewhere from `from` to `to`
 	kills        []killRec
 	faults       int
 	fastRestarts int
@@ -505,13 +505,15 @@ func (r *run) resume(hp *holderProc, from int64) {
 	r.faults++
 }
 
-// dropped records that the suite dropped a connection of the named
-// processes at time t (a terminated backend, a server restart).
-func (r *run) dropped(t int64, procs ...string) {
+// dropped records that the suite dropped connections of the named
+// processes between from and to (a terminated backend, a server restart:
+// to is from; a failover through Patroni, which shuts the old primary down
+// a while after it is asked to: to is when its processes are all gone).
+func (r *run) dropped(from, to int64, procs ...string) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	for _, p := range procs {
-		r.drops = append(r.drops, pauseRec{proc: p, from: t})
+		r.drops = append(r.drops, pauseRec{proc: p, from: from, to: to})
 	}
 }
 

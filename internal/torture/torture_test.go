@@ -748,7 +748,7 @@ func faultTerminate(ctx context.Context, r *run) {
 			prefix+"%").Scan(&app, &ok)
 		cancel()
 		if err == nil && ok {
-			r.dropped(before, strings.TrimPrefix(app, "torture-"))
+			r.dropped(before, before, strings.TrimPrefix(app, "torture-"))
 			r.mu.Lock()
 			r.faults++
 			r.mu.Unlock()
@@ -770,7 +770,8 @@ func faultRestart(ctx context.Context, r *run) {
 		for _, hp := range r.live() {
 			names = append(names, hp.name)
 		}
-		r.dropped(Now(), names...)
+		now := Now()
+		r.dropped(now, now, names...)
 		if err := r.c.Restart(mode); err != nil {
 			r.violate("restart: %v", err)
 			return
