@@ -17,13 +17,14 @@ import "context"
 // the holder is lost; one that commits before a late insert is caught by the
 // heartbeat's count (see verify).
 //
-// At most one clean-up of a key waits for its turn: one that has not
-// started reads what to keep when it does, so it deletes whatever a second
-// one would. And a clean-up that failed is retried only once it is over: its
-// statement may wait (for ReleaseTimeout) behind a transaction that holds the
-// key's queue lock, such as the very acquire it cleans up after, whose
-// statement goes on in the server; a retry at every renewal meanwhile would
-// pile up clean-ups, each holding a goroutine and, in turn, a connection.
+// At most one clean-up of a holder's rows of a key waits for its turn: one
+// that has not started reads what to keep when it does, so it deletes
+// whatever a second one would. And a clean-up that failed is retried only
+// once it is over: its statement may wait (for ReleaseTimeout) behind a
+// transaction that holds the key's queue lock, such as the very acquire it
+// cleans up after, whose statement goes on in the server; a retry at every
+// renewal meanwhile would pile up clean-ups, each holding a goroutine and,
+// in turn, a connection.
 func (c *Client) cleanupOrphan(key Key, h *holder) {
 	mk := key.mapKey()
 	c.mu.Lock()
@@ -31,11 +32,12 @@ func (c *Client) cleanupOrphan(key Key, h *holder) {
 		c.mu.Unlock()
 		return // Close deletes every row of the holder
 	}
-	if ks := c.keys[mk]; ks != nil && ks.cleanupPendingLocked() {
+	if ks := c.keys[mk]; ks != nil && ks.cleanupPendingLocked(h) {
 		c.mu.Unlock()
 		return
 	}
 	ks, w, _ := c.enqueueLocked(key, mk, Exclusive, true, true) // never refuses a clean-up
+	w.h = h
 	c.wg.Add(1)
 	c.mu.Unlock()
 	go func() {

@@ -116,15 +116,16 @@ func (ks *keyState) tableTokensLocked(h *holder, key Key) []int64 {
 
 type waiter struct {
 	turn    chan struct{}
-	cleanup bool // an orphan clean-up, not an acquirer
-	started bool // a clean-up that has had its turn (Client.mu)
+	cleanup bool    // an orphan clean-up, not an acquirer
+	started bool    // a clean-up that has had its turn (Client.mu)
+	h       *holder // whose rows a clean-up deletes
 }
 
-// cleanupPendingLocked reports whether an orphan clean-up of the key waits
-// for its turn, not yet started (c.mu held).
-func (ks *keyState) cleanupPendingLocked() bool {
+// cleanupPendingLocked reports whether an orphan clean-up of h's rows of the
+// key waits for its turn, not yet started (c.mu held).
+func (ks *keyState) cleanupPendingLocked(h *holder) bool {
 	for _, w := range ks.queue {
-		if w.cleanup && !w.started {
+		if w.cleanup && !w.started && w.h == h {
 			return true
 		}
 	}
